@@ -1,0 +1,54 @@
+//! # resnet-burn
+//!
+//! The torchvision ResNet family for the [Burn](https://burn.dev) deep learning framework:
+//! ResNet-18/34/50/101/152, ResNeXt and Wide ResNet, with torchvision's configuration,
+//! initialization and parameter names, on every Burn backend.
+//!
+//! ```
+//! use burn::tensor::{Device, Tensor};
+//! use resnet_burn::{ResNetConfig, Stem};
+//!
+//! let device = Device::flex();
+//! let model = ResNetConfig::resnet18(10).with_stem(Stem::Cifar).init(&device);
+//! let logits = model.forward(Tensor::<4>::zeros([2, 3, 32, 32], &device));
+//! assert_eq!(logits.dims(), [2, 10]);
+//! assert_eq!(model.trainable_params(), 11_173_962); // torchvision's count
+//! ```
+//!
+//! ## Map
+//! - [`ResNetConfig`] ([`config`]): what to build; presets such as [`ResNetConfig::resnet50`],
+//!   torchvision's knobs (`groups`, `width_per_group`, `replace_stride_with_dilation`,
+//!   `zero_init_residual`), `in_channels` and the [`Stem`]; [`ConfigError`] when it
+//!   cannot be built.
+//! - [`ResNet`] ([`resnet`]): the network; [`forward`](ResNet::forward),
+//!   [`forward_features`](ResNet::forward_features),
+//!   [`forward_stages`](ResNet::forward_stages), [`with_new_head`](ResNet::with_new_head),
+//!   [`trainable_params`](ResNet::trainable_params).
+//! - [`BasicBlock`], [`Bottleneck`] and [`Downsample`] ([`block`]): the residual blocks.
+//! - [`torchvision`]: torchvision weights in and out: [`ResNet::load_torchvision`] reads
+//!   `.pth` (without running the pickle) and `.safetensors` files strictly, with
+//!   [`ImportError`] listing every offending key; [`ResNet::save_torchvision`] writes
+//!   safetensors that torchvision loads with `strict=True`.
+//!
+//! ## Backends
+//! Nothing here names a backend: the device a model is built on decides. The cargo features
+//! `flex` (default), `ndarray`, `wgpu`, `vulkan`, `metal` and `cuda` turn on the matching Burn
+//! backends together with the features that make each fast (SIMD and threads on the CPU
+//! backends, fusion and autotuning on the GPU ones).
+
+#![warn(missing_docs)]
+
+pub mod block;
+pub mod config;
+mod pth;
+pub mod resnet;
+pub mod torchvision;
+
+pub use block::{BasicBlock, Bottleneck, Downsample, ResidualBlock};
+pub use config::{BlockKind, ConfigError, ResNetConfig, Stem};
+pub use resnet::{InputError, ResNet};
+pub use torchvision::{ImportError, LoadOptions, StateDictEntry};
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
