@@ -1,0 +1,413 @@
+//! torchvision weights in and out: parity with torchvision's outputs and gradients on
+//! every device, the `.pth` reader on bad and hostile files, strictness, round trips.
+//!
+//! References: `tests/fixtures/make_parity.py` (torch 2.15, torchvision 0.29, seed 2026).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use resnet_burn::{BlockKind, ImportError, LoadOptions, ResNet, ResNetConfig, ResidualBlock, Stem};
+
+use crate::model::{pseudo_random, relative_error, tempdir, values};
+
+device_tests!(parity_with_torchvision);
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// The two networks of make_parity.py.
+fn parity_config(name: &str) -> ResNetConfig {
+    match name {
+        "basic" => ResNetConfig::new(BlockKind::Basic, [2, 1, 1, 1])
+            .with_num_classes(10)
+            .with_base_channels(8)
+            .with_stem(Stem::Cifar),
+        "bottleneck" => ResNetConfig::new(BlockKind::Bottleneck, [1, 2, 1, 1])
+            .with_num_classes(10)
+            .with_base_channels(8)
+            .with_groups(2)
+            .with_width_per_group(32)
+            .with_replace_stride_with_dilation([false, false, true]),
+        _ => unreachable!(),
+    }
+}
+
+/// Tensors of a safetensors file: name -> (shape, f32 values).
+fn read_safetensors(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).expect("fixture");
+    let file = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    file.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = match view.dtype() {
+                safetensors::Dtype::F32 => view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+                safetensors::Dtype::I64 => view
+                    .data()
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32)
+                    .collect(),
+                other => panic!("{other:?}"),
+            };
+            (name, (view.shape().to_vec(), values))
+        })
+        .collect()
+}
+
+fn parity_with_torchvision(device: &Device) {
+    for name in ["basic", "bottleneck"] {
+        let io = read_safetensors(&fixture(&format!("parity_{name}_io.safetensors")));
+        let (shape, input) = io["input"].clone();
+        let shape: [usize; 4] = shape.try_into().unwrap();
+        for format in ["pth", "safetensors"] {
+            let file = fixture(&format!("parity_{name}.{format}"));
+            let what = format!("{name} from .{format}");
+
+            // Evaluation: running statistics.
+            let model = parity_config(name)
+                .init(device)
+                .load_torchvision(&file)
+                .expect(&what);
+            let x = Tensor::<4>::from_data(TensorData::new(input.clone(), shape), device);
+            let eval = values(model.valid().forward(x));
+            let error = relative_error(&eval, &io["eval_logits"].1);
+            assert!(error < 1e-4, "{what}: eval logits differ by {error}");
+
+            // Training: batch statistics, loss and gradients.
+            let autodiff = device.clone().autodiff();
+            let model = parity_config(name)
+                .init(&autodiff)
+                .load_torchvision(&file)
+                .expect(&what);
+            let x = Tensor::<4>::from_data(TensorData::new(input.clone(), shape), &autodiff);
+            let targets: Vec<i64> = io["targets"].1.iter().map(|&t| t as i64).collect();
+            let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [2]), &autodiff);
+            let logits = model.forward(x);
+            let error = relative_error(&values(logits.clone()), &io["train_logits"].1);
+            assert!(error < 1e-4, "{what}: train logits differ by {error}");
+            let loss = CrossEntropyLossConfig::new()
+                .init(&autodiff)
+                .forward(logits, targets);
+            let error = relative_error(&values(loss.clone()), &io["loss"].1);
+            assert!(error < 1e-4, "{what}: loss differs by {error}");
+
+            let grads = loss.backward();
+            let first_block = |model: &ResNet| match &model.layer1[0] {
+                ResidualBlock::Basic(b) => b.conv1.weight.val(),
+                ResidualBlock::Bottleneck(b) => b.conv1.weight.val(),
+            };
+            let downsample = |model: &ResNet| match &model.layer2[0] {
+                ResidualBlock::Basic(b) => b.downsample.as_ref().unwrap().conv.weight.val(),
+                ResidualBlock::Bottleneck(b) => b.downsample.as_ref().unwrap().conv.weight.val(),
+            };
+            let checks: Vec<(&str, Vec<f32>)> = vec![
+                (
+                    "conv1.weight",
+                    values(model.conv1.weight.val().grad(&grads).unwrap()),
+                ),
+                (
+                    "bn1.weight",
+                    values(model.bn1.gamma.val().grad(&grads).unwrap()),
+                ),
+                (
+                    "layer1.0.conv1.weight",
+                    values(first_block(&model).grad(&grads).unwrap()),
+                ),
+                (
+                    "layer2.0.downsample.0.weight",
+                    values(downsample(&model).grad(&grads).unwrap()),
+                ),
+                // Burn stores the head's weight [in, out]; PyTorch [out, in].
+                (
+                    "fc.weight",
+                    values(model.fc.weight.val().grad(&grads).unwrap().transpose()),
+                ),
+                (
+                    "fc.bias",
+                    values(model.fc.bias.as_ref().unwrap().val().grad(&grads).unwrap()),
+                ),
+            ];
+            for (key, grad) in checks {
+                let error = relative_error(&grad, &io[&format!("grad.{key}")].1);
+                assert!(error < 1e-4, "{what}: gradient of {key} differs by {error}");
+            }
+        }
+    }
+}
+
+fn load_error(config: ResNetConfig, path: &Path) -> ImportError {
+    match config.init(&Device::flex()).load_torchvision(path) {
+        Ok(_) => panic!("{} should not load", path.display()),
+        Err(error) => error,
+    }
+}
+
+#[test]
+fn a_training_checkpoint_loads_its_state_dict() {
+    let device = Device::flex();
+    let nested = parity_config("basic")
+        .init(&device)
+        .load_torchvision(fixture("checkpoint_basic.pth"));
+    let plain = parity_config("basic")
+        .init(&device)
+        .load_torchvision(fixture("parity_basic.pth"));
+    let x = pseudo_random([1, 3, 16, 16], 1, &device);
+    assert_eq!(
+        values(nested.expect("nested").valid().forward(x.clone())),
+        values(plain.expect("plain").valid().forward(x))
+    );
+}
+
+#[test]
+fn truncated_files_are_errors() {
+    let dir = tempdir();
+    for name in ["parity_basic.pth", "parity_basic.safetensors"] {
+        let bytes = std::fs::read(fixture(name)).unwrap();
+        for keep in [10, bytes.len() / 2, bytes.len() - 1] {
+            let path = dir.join(format!("truncated-{keep}-{name}"));
+            std::fs::write(&path, &bytes[..keep]).unwrap();
+            let error = load_error(parity_config("basic"), &path);
+            assert!(
+                matches!(
+                    error,
+                    ImportError::Format { .. } | ImportError::Pickle { .. }
+                ),
+                "{name} cut at {keep}: {error:?}"
+            );
+            assert!(
+                error.to_string().contains(&path.display().to_string()),
+                "{error}"
+            );
+        }
+    }
+    let missing = dir.join("no-such-file.pth");
+    assert!(matches!(
+        load_error(parity_config("basic"), &missing),
+        ImportError::Io { .. }
+    ));
+}
+
+#[test]
+fn a_file_without_a_state_dict_is_an_error() {
+    let error = load_error(parity_config("basic"), &fixture("not_a_state_dict.pth"));
+    assert!(
+        matches!(error, ImportError::NotAStateDict { .. }),
+        "{error:?}"
+    );
+    assert!(
+        error.to_string().contains("torch.save(model.state_dict()"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_pickle_that_asks_to_run_code_is_refused() {
+    let error = load_error(parity_config("basic"), &fixture("unsafe.pth"));
+    match &error {
+        ImportError::UnsafePickle { global, .. } => assert!(global.ends_with("system"), "{global}"),
+        other => panic!("expected UnsafePickle, got {other:?}"),
+    }
+    assert!(error.to_string().contains("was not run"), "{error}");
+}
+
+#[test]
+fn the_wrong_architecture_lists_every_offending_key() {
+    let error = load_error(
+        parity_config("bottleneck"),
+        &fixture("parity_basic.safetensors"),
+    );
+    let ImportError::Mismatch {
+        missing,
+        unexpected,
+        shapes,
+        ..
+    } = &error
+    else {
+        panic!("expected Mismatch, got {error:?}")
+    };
+    assert!(
+        missing
+            .iter()
+            .any(|(key, _)| key == "layer1.0.conv3.weight"),
+        "{missing:?}"
+    );
+    assert!(
+        unexpected
+            .iter()
+            .any(|(key, _)| key == "layer1.1.conv1.weight"),
+        "{unexpected:?}"
+    );
+    assert!(
+        shapes.iter().any(|(key, _, _)| key == "conv1.weight"),
+        "{shapes:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains("missing    layer1.0.conv3.weight"),
+        "{message}"
+    );
+}
+
+/// Rewrites the basic network's safetensors with `edit` applied to its tensors.
+fn edited(edit: impl FnOnce(&mut HashMap<String, (Vec<usize>, Vec<f32>)>)) -> PathBuf {
+    let mut tensors = read_safetensors(&fixture("parity_basic.safetensors"));
+    edit(&mut tensors);
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(k, (shape, v))| (k, shape, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(k, shape, b)| {
+            (
+                k.as_str(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let path = tempdir().join(format!("edited-{}.safetensors", std::process::id()));
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn missing_extra_and_misshaped_keys_are_errors() {
+    let path = edited(|t| {
+        t.remove("layer2.0.bn1.running_var");
+        t.insert("layer9.weight".into(), (vec![2], vec![0.0, 1.0]));
+        let (_, values) = t.remove("fc.bias").unwrap();
+        t.insert("fc.bias".into(), (vec![2, 5], values));
+    });
+    let error = load_error(parity_config("basic"), &path);
+    let ImportError::Mismatch {
+        missing,
+        unexpected,
+        shapes,
+        ..
+    } = &error
+    else {
+        panic!("expected Mismatch, got {error:?}")
+    };
+    assert_eq!(
+        missing,
+        &vec![("layer2.0.bn1.running_var".to_string(), vec![16])]
+    );
+    assert_eq!(unexpected, &vec![("layer9.weight".to_string(), vec![2])]);
+    assert_eq!(shapes, &vec![("fc.bias".to_string(), vec![10], vec![2, 5])]);
+}
+
+#[test]
+fn a_backbone_loads_under_a_new_head() {
+    let device = Device::flex();
+    let five = parity_config("basic").with_num_classes(5);
+    let strict = five
+        .init(&device)
+        .load_torchvision(fixture("parity_basic.pth"));
+    assert!(matches!(strict, Err(ImportError::Mismatch { .. })));
+
+    let backbone = five
+        .init(&device)
+        .load_torchvision_with(fixture("parity_basic.pth"), &LoadOptions::backbone())
+        .expect("backbone");
+    let full = parity_config("basic")
+        .init(&device)
+        .load_torchvision(fixture("parity_basic.pth"))
+        .unwrap();
+    let x = pseudo_random([2, 3, 16, 16], 2, &device);
+    assert_eq!(
+        values(backbone.valid().forward_features(x.clone())),
+        values(full.valid().forward_features(x.clone()))
+    );
+    assert_eq!(backbone.forward(x).dims(), [2, 5]);
+}
+
+#[test]
+fn save_torchvision_round_trips() {
+    let device = Device::flex();
+    let model = parity_config("bottleneck")
+        .init(&device)
+        .load_torchvision(fixture("parity_bottleneck.pth"))
+        .unwrap();
+    let path = tempdir().join(format!("round-trip-{}.safetensors", std::process::id()));
+    model.save_torchvision(&path).expect("save");
+
+    // Same keys, shapes and values as torchvision's own file (num_batches_tracked aside).
+    let ours = read_safetensors(&path);
+    let theirs = read_safetensors(&fixture("parity_bottleneck.safetensors"));
+    assert_eq!(ours.len(), theirs.len());
+    for (key, (shape, values)) in &theirs {
+        let (our_shape, our_values) = &ours[key];
+        assert_eq!(our_shape, shape, "{key}");
+        if !key.ends_with("num_batches_tracked") {
+            assert_eq!(our_values, values, "{key}");
+        }
+    }
+    let reloaded = parity_config("bottleneck")
+        .init(&device)
+        .load_torchvision(&path)
+        .unwrap();
+    let x = pseudo_random([2, 3, 32, 32], 3, &device);
+    assert_eq!(
+        values(reloaded.valid().forward(x.clone())),
+        values(model.valid().forward(x))
+    );
+}
+
+/// Writes a full-size ResNet-18 (random weights), an input and its outputs into
+/// `$ROUNDTRIP_DIR` for `tests/fixtures/check_roundtrip.py`, which loads the weights into
+/// torchvision with `strict=True` and compares the outputs.
+#[test]
+#[ignore = "writes files for tests/fixtures/check_roundtrip.py; set ROUNDTRIP_DIR"]
+fn export_for_torchvision() {
+    let dir = PathBuf::from(std::env::var_os("ROUNDTRIP_DIR").expect("ROUNDTRIP_DIR"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let device = Device::flex();
+    for (name, config) in [
+        ("resnet18", ResNetConfig::resnet18(1000)),
+        ("resnet50", ResNetConfig::resnet50(1000)),
+    ] {
+        let model = config.init(&device).valid();
+        model
+            .save_torchvision(dir.join(format!("{name}.safetensors")))
+            .unwrap();
+        let x = pseudo_random([2, 3, 64, 64], 4, &device);
+        let y = values(model.forward(x.clone()));
+        let io: Vec<(&str, Vec<usize>, Vec<u8>)> = vec![
+            (
+                "input",
+                vec![2, 3, 64, 64],
+                values(x).iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            (
+                "output",
+                vec![2, 1000],
+                y.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+        ];
+        let views: Vec<_> = io
+            .iter()
+            .map(|(k, s, b)| {
+                (
+                    *k,
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                        .unwrap(),
+                )
+            })
+            .collect();
+        std::fs::write(
+            dir.join(format!("{name}_io.safetensors")),
+            safetensors::serialize(views, None).unwrap(),
+        )
+        .unwrap();
+    }
+}
