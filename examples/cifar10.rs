@@ -1,0 +1,263 @@
+//! Train a ResNet on CIFAR-10.
+//!
+//! ```text
+//! cargo run --release --example cifar10 -- --help
+//! cargo run --release --example cifar10 -- --backend flex --limit-train 2000 --limit-test 1000 --epochs 2
+//! ```
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result};
+use burn::tensor::{Device, DeviceKind};
+use cifar10_burn::{Cifar10Dataset, Split};
+use clap::{Parser, ValueEnum};
+use resnet_burn::ResNetConfig;
+use resnet_burn_examples::train::{Control, Outcome, TrainOptions, train};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// A GPU through wgpu when there is one (discrete, then integrated), else flex.
+    Auto,
+    /// wgpu on its default adapter (set CUBECL_WGPU_DEFAULT_DEVICE=Cpu for lavapipe).
+    Wgpu,
+    /// CUDA device 0 (needs the `cuda` feature, which needs internet to build).
+    Cuda,
+    /// wgpu pinned to Vulkan (needs the `vulkan` feature).
+    Vulkan,
+    /// Burn's pure-Rust CPU backend.
+    Flex,
+    /// The ndarray CPU backend (deprecated in Burn 0.22, still supported).
+    Ndarray,
+}
+
+/// Train a ResNet (CIFAR stem) on CIFAR-10 with SGD + Nesterov momentum, weight decay on
+/// weights only, warm-up then cosine learning rate, crop + flip augmentation and label
+/// smoothing. Writes config.json, metrics.csv, curves.png, checkpoint.bin, model.bpk,
+/// model.safetensors and summary.json into --artifact-dir.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Where to train.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: Backend,
+    /// The network: any resnet-burn preset (resnet18, resnet34, resnet50, resnext50_32x4d, ...).
+    #[arg(long, default_value = "resnet18")]
+    model: String,
+    /// Channels of the first stage (64 as in torchvision; e.g. 16 for a quick CPU run).
+    #[arg(long, default_value_t = 64)]
+    base_channels: usize,
+    /// Passes over the training set.
+    #[arg(long, default_value_t = 30)]
+    epochs: usize,
+    /// Training images per step.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Test images per evaluation step.
+    #[arg(long, default_value_t = 500)]
+    eval_batch_size: usize,
+    /// Peak learning rate (reached after the warm-up).
+    #[arg(long, default_value_t = 0.1)]
+    lr: f64,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    /// Plain instead of Nesterov momentum.
+    #[arg(long)]
+    no_nesterov: bool,
+    /// Weight decay of convolution and linear weights (BatchNorm and biases are not decayed).
+    #[arg(long, default_value_t = 5e-4)]
+    weight_decay: f64,
+    /// Label smoothing of the training loss (0 to turn it off).
+    #[arg(long, default_value_t = 0.1)]
+    label_smoothing: f32,
+    /// Epochs of linear learning-rate warm-up before the cosine decay.
+    #[arg(long, default_value_t = 1.0)]
+    warmup_epochs: f64,
+    /// Cutout square side in pixels (e.g. 16); off by default.
+    #[arg(long)]
+    cutout: Option<usize>,
+    /// Train without crop and flip augmentation.
+    #[arg(long)]
+    no_augment: bool,
+    /// Seed of initialization, shuffling and augmentation.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// CIFAR-10: the cifar-10-batches-bin folder, its parent, or cifar-10-binary.tar.gz.
+    /// Default: $CIFAR10_DIR, else the cache folder ($CIFAR10_CACHE or ~/.cache/cifar10-burn),
+    /// downloading the official archive there when it is missing.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Where the run writes its files.
+    #[arg(long, default_value = "artifacts/cifar10")]
+    artifact_dir: PathBuf,
+    /// Continue from the checkpoint in --artifact-dir (same options; --epochs may grow).
+    #[arg(long)]
+    resume: bool,
+    /// Train on the first N training images only (quick runs).
+    #[arg(long)]
+    limit_train: Option<usize>,
+    /// Evaluate on the first N test images only (quick runs).
+    #[arg(long)]
+    limit_test: Option<usize>,
+    /// No progress bars (logs).
+    #[arg(long)]
+    no_progress: bool,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if ResNetConfig::from_name(&args.model, 10).is_none() {
+        anyhow::bail!(
+            "unknown --model {:?}; choose one of {:?}",
+            args.model,
+            ResNetConfig::PRESETS
+        );
+    }
+    let device = pick_device(args.backend)?;
+    println!("device: {device:?}");
+
+    let data_dir = data_dir(args.data_dir.clone())?;
+    let load = |split, limit: Option<usize>| -> Result<Arc<Cifar10Dataset>> {
+        let set = Cifar10Dataset::new(&data_dir, split)?;
+        Ok(Arc::new(match limit {
+            Some(n) => set.truncate(n),
+            None => set,
+        }))
+    };
+    let train_set = load(Split::Train, args.limit_train)?;
+    let test_set = load(Split::Test, args.limit_test)?;
+    println!(
+        "data: {} training and {} test images from {}",
+        train_set.len(),
+        test_set.len(),
+        data_dir.display()
+    );
+
+    let options = TrainOptions {
+        model: args.model,
+        base_channels: args.base_channels,
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        eval_batch_size: args.eval_batch_size,
+        lr: args.lr,
+        momentum: args.momentum,
+        nesterov: !args.no_nesterov,
+        weight_decay: args.weight_decay,
+        label_smoothing: args.label_smoothing,
+        warmup_epochs: args.warmup_epochs,
+        augment: !args.no_augment,
+        cutout: args.cutout,
+        seed: args.seed,
+        limit_train: args.limit_train,
+        limit_test: args.limit_test,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler_stop = stop.clone();
+    ctrlc::set_handler(move || {
+        if handler_stop.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond Ctrl-C: exiting now (the last checkpoint is intact)");
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\nCtrl-C: finishing this step and writing a checkpoint (Ctrl-C again to quit now)"
+        );
+    })
+    .context("installing the Ctrl-C handler")?;
+    let control = Control {
+        resume: args.resume,
+        stop,
+        stop_after_steps: None,
+        progress: !args.no_progress,
+    };
+
+    match train(
+        &options,
+        train_set,
+        test_set,
+        &device,
+        &args.artifact_dir,
+        &control,
+    )? {
+        Outcome::Finished(summary) => {
+            println!(
+                "\n{} on {}: test accuracy {:.2}% (best {:.2}%) after {} epochs, {:.0} s of training, {:.0} images/s",
+                summary.model,
+                summary.backend,
+                100.0 * summary.test_accuracy,
+                100.0 * summary.best_test_accuracy,
+                summary.epochs,
+                summary.train_seconds,
+                summary.images_per_second
+            );
+            println!("files: {}", args.artifact_dir.display());
+        }
+        Outcome::Interrupted { epoch, step } => {
+            println!(
+                "stopped in epoch {epoch} after step {step}; continue with the same command and --resume"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn data_dir(given: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(dir) = given.or_else(|| std::env::var_os("CIFAR10_DIR").map(PathBuf::from)) {
+        return Ok(dir);
+    }
+    let cache = cifar10_burn::download::default_dir();
+    Ok(cifar10_burn::download::ensure(&cache)?)
+}
+
+fn pick_device(backend: Backend) -> Result<Device> {
+    Ok(match backend {
+        Backend::Flex => Device::flex(),
+        #[allow(deprecated)] // still supported here, see the README
+        Backend::Ndarray => Device::ndarray(),
+        Backend::Wgpu => Device::wgpu(DeviceKind::DefaultDevice),
+        Backend::Vulkan => vulkan()?,
+        Backend::Cuda => cuda()?,
+        Backend::Auto => [DeviceKind::DiscreteGpu(0), DeviceKind::IntegratedGpu(0)]
+            .into_iter()
+            .find_map(probe_wgpu)
+            .unwrap_or_else(Device::flex),
+    })
+}
+
+/// A wgpu device of `kind` if one exists: creating a tensor on a missing adapter panics in
+/// Burn, so the probe runs under `catch_unwind` with the panic message silenced.
+fn probe_wgpu(kind: DeviceKind) -> Option<Device> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let device = Device::wgpu(kind);
+    let probe = device.clone();
+    let works = std::panic::catch_unwind(move || {
+        burn::tensor::Tensor::<1>::ones([1], &probe).into_data();
+    })
+    .is_ok();
+    std::panic::set_hook(hook);
+    works.then_some(device)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda() -> Result<Device> {
+    Ok(Device::cuda(0))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda() -> Result<Device> {
+    anyhow::bail!(
+        "this build has no CUDA backend: rebuild with `--features cuda` (needs internet to build)"
+    )
+}
+
+#[cfg(feature = "vulkan")]
+fn vulkan() -> Result<Device> {
+    Ok(Device::vulkan(DeviceKind::DefaultDevice))
+}
+
+#[cfg(not(feature = "vulkan"))]
+fn vulkan() -> Result<Device> {
+    anyhow::bail!("this build has no pinned Vulkan backend: rebuild with `--features vulkan`")
+}

@@ -1,0 +1,88 @@
+//! Crash-safe files: everything is written to a temporary file, flushed to disk, then
+//! renamed over the old one, so a kill at any moment leaves either the old or the new file,
+//! never half of one.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename, fsync of the folder).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp: PathBuf = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let mut file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    drop(file);
+    fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    if let Ok(dir) = File::open(dir) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+const MAGIC: &[u8; 8] = b"RBCKPT01";
+
+/// Packs named byte sections into one file body: `MAGIC`, then for each section its name
+/// length, name, data length and data (little-endian u64 lengths).
+pub fn pack(sections: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut out = MAGIC.to_vec();
+    for (name, data) in sections {
+        out.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        out.extend_from_slice(data);
+    }
+    out
+}
+
+/// Reads back what [`pack`] wrote; `path` is only for error messages.
+pub fn unpack(bytes: &[u8], path: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let corrupt = |what: &str| {
+        anyhow::anyhow!(
+            "{} is not a complete resnet-burn checkpoint ({what}); delete it or start without --resume",
+            path.display()
+        )
+    };
+    let Some(body) = bytes.strip_prefix(MAGIC.as_slice()) else {
+        bail!(corrupt("bad header"));
+    };
+    let mut cursor = Cursor { bytes: body, at: 0 };
+    let mut sections = Vec::new();
+    while cursor.at < body.len() {
+        let name = cursor.section().ok_or_else(|| corrupt("truncated"))?;
+        let name = String::from_utf8(name.to_vec()).map_err(|_| corrupt("bad section name"))?;
+        let data = cursor.section().ok_or_else(|| corrupt("truncated"))?;
+        sections.push((name, data.to_vec()));
+    }
+    if sections.is_empty() {
+        bail!(corrupt("empty"));
+    }
+    Ok(sections)
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.at.checked_add(n)?;
+        let slice = self.bytes.get(self.at..end)?;
+        self.at = end;
+        Some(slice)
+    }
+
+    /// A u64 length, then that many bytes.
+    fn section(&mut self) -> Option<&'a [u8]> {
+        let len = u64::from_le_bytes(self.take(8)?.try_into().ok()?);
+        self.take(usize::try_from(len).ok()?)
+    }
+}

@@ -1,0 +1,11 @@
+//! Support code of resnet-burn's examples, benchmarks and integration tests (not
+//! published): the CIFAR-10 training loop ([`train`]), crash-safe files ([`checkpoint`])
+//! and the curves plot ([`plot`]).
+
+pub mod checkpoint;
+pub mod plot;
+pub mod train;
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

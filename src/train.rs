@@ -1,0 +1,619 @@
+//! The CIFAR-10 training loop of `examples/cifar10.rs`: SGD with Nesterov momentum, weight
+//! decay on convolution and linear weights only, linear warm-up then cosine decay of the
+//! learning rate, label smoothing, crop + flip (+ Cutout) augmentation, evaluation with
+//! BatchNorm's running statistics, and crash-safe checkpoints that resume exactly.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::module::{Module, ParamGroup};
+use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::store::ModuleRecord;
+use burn::tensor::{Bytes, Device, Int, Tensor};
+use cifar10_burn::{Augmentation, Cifar10Batch, Cifar10Dataset, EpochLoader};
+use resnet_burn::{ResNet, ResNetConfig, Stem};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{pack, unpack, write_atomic};
+
+/// Everything that decides what a run computes. Saved as `config.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainOptions {
+    /// A preset of resnet-burn (`resnet18`, `resnet50`, ...), built with the CIFAR stem.
+    pub model: String,
+    /// Channels of the first stage (64 as in torchvision; smaller for quick runs).
+    pub base_channels: usize,
+    /// Passes over the training set.
+    pub epochs: usize,
+    /// Training images per step.
+    pub batch_size: usize,
+    /// Images per evaluation step.
+    pub eval_batch_size: usize,
+    /// Peak learning rate, reached at the end of the warm-up.
+    pub lr: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// L2 weight decay of convolution and linear weights (not BatchNorm, not biases).
+    pub weight_decay: f64,
+    /// Label smoothing of the training loss (0 turns it off).
+    pub label_smoothing: f32,
+    /// Epochs of linear warm-up from 0 to `lr`, before the cosine decay to 0.
+    pub warmup_epochs: f64,
+    /// Random crop with 4-pixel padding and horizontal flip.
+    pub augment: bool,
+    /// Cutout square side (e.g. 16), if any.
+    pub cutout: Option<usize>,
+    /// Seed of initialization, shuffling and augmentation.
+    pub seed: u64,
+    /// Train on the first N training images only.
+    pub limit_train: Option<usize>,
+    /// Evaluate on the first N test images only.
+    pub limit_test: Option<usize>,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            model: "resnet18".into(),
+            base_channels: 64,
+            epochs: 30,
+            batch_size: 128,
+            eval_batch_size: 500,
+            lr: 0.1,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 5e-4,
+            label_smoothing: 0.1,
+            warmup_epochs: 1.0,
+            augment: true,
+            cutout: None,
+            seed: 42,
+            limit_train: None,
+            limit_test: None,
+        }
+    }
+}
+
+impl TrainOptions {
+    /// The network these options train: a preset with the CIFAR stem and 10 classes.
+    pub fn model_config(&self) -> Result<ResNetConfig> {
+        let config = ResNetConfig::from_name(&self.model, 10).with_context(|| {
+            format!(
+                "unknown model {:?}; choose one of {:?}",
+                self.model,
+                ResNetConfig::PRESETS
+            )
+        })?;
+        let config = config
+            .with_stem(Stem::Cifar)
+            .with_base_channels(self.base_channels);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The learning rate at optimizer step `step` of `total` (`steps_per_epoch` a epoch).
+    pub fn learning_rate(&self, step: usize, steps_per_epoch: usize, total: usize) -> f64 {
+        let warmup = (self.warmup_epochs * steps_per_epoch as f64).round() as usize;
+        if step < warmup {
+            return self.lr * (step + 1) as f64 / warmup as f64;
+        }
+        let progress = (step - warmup) as f64 / (total - warmup).max(1) as f64;
+        0.5 * self.lr * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+
+    fn optimizer(&self) -> Result<ModuleOptimizer> {
+        let momentum = MomentumConfig {
+            momentum: self.momentum,
+            dampening: 0.0, // PyTorch's SGD; Burn's default is 0.1
+            nesterov: self.nesterov,
+        };
+        let sgd = SgdConfig::new().with_momentum(Some(momentum));
+        let decayed = sgd
+            .clone()
+            .with_weight_decay(Some(WeightDecayConfig::new(self.weight_decay as f32)));
+        // BatchNorm weights and biases, and the head's bias, are not decayed.
+        let no_decay = ParamGroup::from_regex(r"\.(gamma|beta|bias)$")
+            .map_err(|e| anyhow::anyhow!("parameter group: {e:?}"))?;
+        Ok(decayed.init().with_group(no_decay, sgd.build(), None))
+    }
+}
+
+/// One line of `metrics.csv`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Learning rate of the epoch's last step.
+    pub lr: f64,
+    /// Mean training loss (with label smoothing) over the epoch.
+    pub train_loss: f64,
+    /// Training accuracy over the epoch (augmented images, training-mode BatchNorm).
+    pub train_accuracy: f64,
+    /// Mean test loss.
+    pub test_loss: f64,
+    /// Test accuracy.
+    pub test_accuracy: f64,
+    /// Wall-clock seconds of the epoch's training steps (evaluation excluded).
+    pub seconds: f64,
+    /// Training images per second.
+    pub images_per_second: f64,
+}
+
+impl EpochMetrics {
+    const CSV_HEADER: &str =
+        "epoch,lr,train_loss,train_accuracy,test_loss,test_accuracy,seconds,images_per_second";
+
+    fn csv_line(&self) -> String {
+        format!(
+            "{},{:.6},{:.6},{:.6},{:.6},{:.6},{:.3},{:.1}",
+            self.epoch,
+            self.lr,
+            self.train_loss,
+            self.train_accuracy,
+            self.test_loss,
+            self.test_accuracy,
+            self.seconds,
+            self.images_per_second
+        )
+    }
+}
+
+/// `summary.json`: what a program reading the run needs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Summary {
+    /// The preset trained.
+    pub model: String,
+    /// The device, as Burn names it.
+    pub backend: String,
+    /// Epochs trained.
+    pub epochs: usize,
+    /// Test accuracy after the last epoch.
+    pub test_accuracy: f64,
+    /// Best test accuracy over the epochs.
+    pub best_test_accuracy: f64,
+    /// Seconds spent in training steps, over all epochs.
+    pub train_seconds: f64,
+    /// Training images per second over all epochs.
+    pub images_per_second: f64,
+    /// Trainable parameters (torchvision's count).
+    pub trainable_params: usize,
+    /// Training and test images used.
+    pub train_images: usize,
+    /// Test images used.
+    pub test_images: usize,
+}
+
+/// A loss that is NaN or infinite: the run stops, the last checkpoint stays as it was.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the training loss became {loss} at epoch {epoch}, step {step}: the run is stopped \
+     (the checkpoint of the last completed epoch is intact); lower --lr or check the data"
+)]
+pub struct NonFiniteLoss {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// 1-based step within the epoch.
+    pub step: usize,
+    /// The loss value.
+    pub loss: f32,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// All epochs done.
+    Finished(Summary),
+    /// Stopped on request (Ctrl-C) after a checkpoint; `--resume` continues.
+    Interrupted {
+        /// 1-based epoch in progress.
+        epoch: usize,
+        /// Steps of it done.
+        step: usize,
+    },
+}
+
+/// What the caller controls while a run goes on.
+#[derive(Clone, Debug, Default)]
+pub struct Control {
+    /// Continue from `artifact_dir/checkpoint.bin` if it exists.
+    pub resume: bool,
+    /// Set (by a Ctrl-C handler) to stop after the current step with a checkpoint.
+    pub stop: Arc<AtomicBool>,
+    /// Stop as if interrupted once this many steps have run in this process (tests).
+    pub stop_after_steps: Option<usize>,
+    /// Show progress bars and per-epoch lines.
+    pub progress: bool,
+}
+
+/// Progress that survives a restart: saved in every checkpoint.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct RunState {
+    /// Completed epochs.
+    epoch: usize,
+    /// Completed steps of the epoch in progress.
+    step: usize,
+    loss_sum: f64,
+    correct: u64,
+    seen: u64,
+    epoch_seconds: f64,
+    history: Vec<EpochMetrics>,
+    options: Option<TrainOptions>,
+}
+
+/// Trains `options.model` on `train` and evaluates on `test` every epoch, writing
+/// `config.json`, `metrics.csv`, `curves.png`, `checkpoint.bin`, `model.bpk`,
+/// `model.safetensors` and `summary.json` into `artifact_dir`.
+pub fn train(
+    options: &TrainOptions,
+    train: Arc<Cifar10Dataset>,
+    test: Arc<Cifar10Dataset>,
+    device: &Device,
+    artifact_dir: &Path,
+    control: &Control,
+) -> Result<Outcome> {
+    let config = options.model_config()?;
+    std::fs::create_dir_all(artifact_dir)
+        .with_context(|| format!("creating the artifact folder {}", artifact_dir.display()))?;
+    let checkpoint_path = artifact_dir.join("checkpoint.bin");
+    let autodiff = device.clone().autodiff();
+    device.seed(options.seed);
+    let mut model = config.init(&autodiff);
+    let mut optimizer = options.optimizer()?;
+    let mut state = RunState {
+        options: Some(options.clone()),
+        ..RunState::default()
+    };
+    if control.resume && checkpoint_path.exists() {
+        (model, optimizer, state) = load_checkpoint(&checkpoint_path, model, optimizer, options)?;
+        if control.progress {
+            println!(
+                "resuming from {} at epoch {}, step {}",
+                checkpoint_path.display(),
+                state.epoch + 1,
+                state.step
+            );
+        }
+    }
+    write_atomic(
+        &artifact_dir.join("config.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "train": options,
+            "model": config,
+        }))?
+        .as_bytes(),
+    )?;
+
+    let augmentation = options.augment.then(|| Augmentation {
+        cutout: options.cutout,
+        ..Augmentation::default()
+    });
+    let loader = EpochLoader::train(
+        train.clone(),
+        options.batch_size,
+        augmentation,
+        options.seed,
+    );
+    let steps_per_epoch = loader.num_batches();
+    let total_steps = steps_per_epoch * options.epochs;
+    let loss_fn = CrossEntropyLossConfig::new()
+        .with_smoothing((options.label_smoothing > 0.0).then_some(options.label_smoothing))
+        .init(&autodiff);
+    let eval_loss = CrossEntropyLossConfig::new().init(device);
+    let mut steps_this_process = 0;
+
+    while state.epoch < options.epochs {
+        let epoch = state.epoch;
+        let bar = progress_bar(control.progress, steps_per_epoch, epoch, options.epochs);
+        bar.set_position(state.step as u64);
+        let started = Instant::now();
+        let mut lr = options.learning_rate(
+            epoch * steps_per_epoch + state.step,
+            steps_per_epoch,
+            total_steps,
+        );
+        for host in loader.epoch_from(epoch, state.step, 2) {
+            let step = state.step;
+            lr =
+                options.learning_rate(epoch * steps_per_epoch + step, steps_per_epoch, total_steps);
+            let Cifar10Batch { images, targets } = host.to_device(&autodiff);
+            let logits = model.forward(images);
+            let loss = loss_fn.forward(logits.clone(), targets.clone());
+            let [loss_value, correct] = loss_and_correct(&loss, logits, targets);
+            if !loss_value.is_finite() {
+                bar.abandon();
+                return Err(NonFiniteLoss {
+                    epoch: epoch + 1,
+                    step: step + 1,
+                    loss: loss_value,
+                }
+                .into());
+            }
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optimizer.step(lr, model, grads);
+
+            let batch = options.batch_size as u64;
+            state.step += 1;
+            state.loss_sum += loss_value as f64 * batch as f64;
+            state.correct += correct as u64;
+            state.seen += batch;
+            steps_this_process += 1;
+            bar.inc(1);
+            let seconds = state.epoch_seconds + started.elapsed().as_secs_f64();
+            bar.set_message(format!(
+                "loss {:.3} acc {:.1}% lr {lr:.4} {:.0} img/s",
+                state.loss_sum / state.seen as f64,
+                100.0 * state.correct as f64 / state.seen as f64,
+                state.seen as f64 / seconds
+            ));
+
+            let stop_requested = control.stop.load(Ordering::SeqCst)
+                || control
+                    .stop_after_steps
+                    .is_some_and(|n| steps_this_process >= n);
+            if stop_requested && state.step < steps_per_epoch {
+                state.epoch_seconds += started.elapsed().as_secs_f64();
+                save_checkpoint(&checkpoint_path, &model, &optimizer, &state)?;
+                bar.abandon_with_message(format!(
+                    "stopped; checkpoint in {}",
+                    checkpoint_path.display()
+                ));
+                return Ok(Outcome::Interrupted {
+                    epoch: epoch + 1,
+                    step: state.step,
+                });
+            }
+        }
+        let seconds = state.epoch_seconds + started.elapsed().as_secs_f64();
+        bar.finish_and_clear();
+
+        let eval = evaluate(
+            &model.valid(),
+            &test,
+            options.eval_batch_size,
+            device,
+            &eval_loss,
+        );
+        let metrics = EpochMetrics {
+            epoch: epoch + 1,
+            lr,
+            train_loss: state.loss_sum / state.seen.max(1) as f64,
+            train_accuracy: state.correct as f64 / state.seen.max(1) as f64,
+            test_loss: eval.loss,
+            test_accuracy: eval.accuracy,
+            seconds,
+            images_per_second: state.seen as f64 / seconds,
+        };
+        if control.progress {
+            println!(
+                "epoch {:>3}/{}  train loss {:.4} acc {:.2}%  test loss {:.4} acc {:.2}%  {:.1}s  {:.0} img/s",
+                metrics.epoch,
+                options.epochs,
+                metrics.train_loss,
+                100.0 * metrics.train_accuracy,
+                metrics.test_loss,
+                100.0 * metrics.test_accuracy,
+                metrics.seconds,
+                metrics.images_per_second
+            );
+        }
+        state.history.push(metrics);
+        state.epoch += 1;
+        state.step = 0;
+        state.loss_sum = 0.0;
+        state.correct = 0;
+        state.seen = 0;
+        state.epoch_seconds = 0.0;
+        write_metrics(artifact_dir, &state.history)?;
+        save_checkpoint(&checkpoint_path, &model, &optimizer, &state)?;
+
+        if control.stop.load(Ordering::SeqCst) && state.epoch < options.epochs {
+            return Ok(Outcome::Interrupted {
+                epoch: state.epoch + 1,
+                step: 0,
+            });
+        }
+    }
+
+    let model = model.valid();
+    let model_path = artifact_dir.join("model.bpk");
+    let bytes = model.clone().into_record().into_bytes()?;
+    write_atomic(&model_path, &bytes)?;
+    let safetensors_path = artifact_dir.join("model.safetensors");
+    model
+        .save_torchvision(&safetensors_path)
+        .with_context(|| format!("writing {}", safetensors_path.display()))?;
+
+    let summary = summarize(
+        options,
+        &state.history,
+        device,
+        &model,
+        train.len(),
+        test.len(),
+    );
+    write_atomic(
+        &artifact_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    Ok(Outcome::Finished(summary))
+}
+
+/// Reads the loss and the number of correct predictions with one transfer from the device.
+fn loss_and_correct(loss: &Tensor<1>, logits: Tensor<2>, targets: Tensor<1, Int>) -> [f32; 2] {
+    let [batch, _] = logits.dims();
+    let correct = logits
+        .detach()
+        .argmax(1)
+        .reshape([batch])
+        .equal(targets)
+        .int()
+        .sum()
+        .float();
+    let both = Tensor::cat(
+        vec![loss.clone().detach().reshape([1]), correct.reshape([1])],
+        0,
+    );
+    let values: Vec<f32> = both
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .expect("f32 values");
+    [values[0], values[1]]
+}
+
+/// Test loss and accuracy.
+pub struct Evaluation {
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// Fraction of correct predictions.
+    pub accuracy: f64,
+}
+
+/// Evaluates `model` (in evaluation mode) on `dataset`.
+pub fn evaluate(
+    model: &ResNet,
+    dataset: &Arc<Cifar10Dataset>,
+    batch_size: usize,
+    device: &Device,
+    loss_fn: &CrossEntropyLoss,
+) -> Evaluation {
+    let loader = EpochLoader::eval(dataset.clone(), batch_size);
+    let (mut loss_sum, mut correct, mut seen) = (0f64, 0f64, 0usize);
+    for host in loader.epoch(0, 2) {
+        let n = host.len();
+        let Cifar10Batch { images, targets } = host.to_device(device);
+        let logits = model.forward(images);
+        let loss = loss_fn.forward(logits.clone(), targets.clone());
+        let [l, c] = loss_and_correct(&loss, logits, targets);
+        loss_sum += l as f64 * n as f64;
+        correct += c as f64;
+        seen += n;
+    }
+    Evaluation {
+        loss: loss_sum / seen.max(1) as f64,
+        accuracy: correct / seen.max(1) as f64,
+    }
+}
+
+fn summarize(
+    options: &TrainOptions,
+    history: &[EpochMetrics],
+    device: &Device,
+    model: &ResNet,
+    train_images: usize,
+    test_images: usize,
+) -> Summary {
+    let train_seconds: f64 = history.iter().map(|m| m.seconds).sum();
+    let images: f64 = history
+        .iter()
+        .map(|m| m.images_per_second * m.seconds)
+        .sum();
+    Summary {
+        model: options.model.clone(),
+        backend: format!("{device:?}"),
+        epochs: history.len(),
+        test_accuracy: history.last().map_or(0.0, |m| m.test_accuracy),
+        best_test_accuracy: history.iter().map(|m| m.test_accuracy).fold(0.0, f64::max),
+        train_seconds,
+        images_per_second: images / train_seconds.max(1e-9),
+        trainable_params: model.trainable_params(),
+        train_images,
+        test_images,
+    }
+}
+
+fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<()> {
+    let mut csv = String::from(EpochMetrics::CSV_HEADER);
+    csv.push('\n');
+    for metrics in history {
+        csv.push_str(&metrics.csv_line());
+        csv.push('\n');
+    }
+    write_atomic(&dir.join("metrics.csv"), csv.as_bytes())?;
+    let png = crate::plot::curves(history);
+    write_atomic(&dir.join("curves.png"), &png)
+}
+
+fn save_checkpoint(
+    path: &Path,
+    model: &ResNet,
+    optimizer: &ModuleOptimizer,
+    state: &RunState,
+) -> Result<()> {
+    // BatchNorm's running statistics keep the last update of each thread aside until they
+    // are synced; `train()` syncs them (the clone shares them), so the record is current.
+    let model_bytes = model.clone().train().into_record().into_bytes()?;
+    let optimizer_bytes = optimizer.into_bytes()?;
+    let state_json = serde_json::to_vec(state)?;
+    let body = pack(&[
+        ("state", &state_json),
+        ("model", &model_bytes),
+        ("optimizer", &optimizer_bytes),
+    ]);
+    write_atomic(path, &body)
+}
+
+fn load_checkpoint(
+    path: &PathBuf,
+    model: ResNet,
+    optimizer: ModuleOptimizer,
+    options: &TrainOptions,
+) -> Result<(ResNet, ModuleOptimizer, RunState)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut sections = unpack(&bytes, path)?.into_iter();
+    let mut section = |name: &str| -> Result<Vec<u8>> {
+        match sections.next() {
+            Some((found, data)) if found == name => Ok(data),
+            _ => bail!(
+                "{} has no {name} section; delete it or start without --resume",
+                path.display()
+            ),
+        }
+    };
+    let state: RunState = serde_json::from_slice(&section("state")?)
+        .with_context(|| format!("reading the state in {}", path.display()))?;
+    if let Some(saved) = &state.options {
+        let comparable = |o: &TrainOptions| TrainOptions {
+            epochs: 0,
+            ..o.clone()
+        };
+        if comparable(saved) != comparable(options) {
+            bail!(
+                "{} was written by a run with other options ({saved:?}); resume with the same \
+                 options (only --epochs may change) or use another --artifact-dir",
+                path.display()
+            );
+        }
+    }
+    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(section("model")?))
+        .with_context(|| format!("reading the model in {}", path.display()))?;
+    let model = model
+        .try_load_record(record)
+        .with_context(|| format!("loading the model in {}", path.display()))?;
+    let optimizer = optimizer
+        .from_bytes(Bytes::from_bytes_vec(section("optimizer")?))
+        .with_context(|| format!("reading the optimizer state in {}", path.display()))?;
+    Ok((model, optimizer, state))
+}
+
+fn progress_bar(show: bool, steps: usize, epoch: usize, epochs: usize) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "epoch {}/{epochs} {{bar:30}} {{pos}}/{{len}} {{elapsed}}<{{eta}} {{msg}}",
+            epoch + 1
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
