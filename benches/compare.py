@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Runs the Burn benches and the PyTorch reference in one go, on this machine, and prints
+images/s for each case and backend with the ratio Burn / PyTorch.
+
+    python3 benches/compare.py [--backends flex,ndarray,wgpu] [--cases resnet18_cifar]
+
+Burn's figures come from criterion (`cargo bench --bench resnet`), read back from
+target/criterion/*/new/estimates.json (median time per iteration); PyTorch's from
+benches/pytorch_reference.py with the same threads. Writes the table as Markdown too.
+"""
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BATCH = {
+    "inference/resnet18_cifar": 64,
+    "train_step/resnet18_cifar": 64,
+    "inference/resnet50_224": 8,
+    "train_step/resnet50_224": 4,
+}
+
+
+def target_dir():
+    out = subprocess.run(
+        ["cargo", "metadata", "--format-version", "1", "--no-deps"],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    ).stdout
+    return pathlib.Path(json.loads(out)["target_directory"])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--backends", default="flex,ndarray,wgpu")
+    parser.add_argument("--cases", default="resnet18_cifar,resnet50_224")
+    parser.add_argument("--torch-device", default="cpu")
+    parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    args = parser.parse_args()
+
+    cases = args.cases.split(",")
+    backends = args.backends.split(",")
+    env = dict(os.environ, BENCH_BACKENDS=args.backends)
+    filter_regex = "(" + "|".join(cases) + ")/(" + "|".join(backends) + ")"
+    subprocess.run(["cargo", "bench", "--bench", "resnet", "--", filter_regex], cwd=ROOT, env=env, check=True)
+
+    torch_json = ROOT / "target-pytorch.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benches/pytorch_reference.py"), "--device", args.torch_device,
+         "--json", str(torch_json), "--cases", ",".join(cases)],
+        cwd=ROOT, check=True,
+    )
+    torch_results = json.loads(torch_json.read_text())
+    torch_json.unlink()
+
+    criterion = target_dir() / "criterion"
+    rows = ["| case | backend | Burn images/s | PyTorch images/s | Burn / PyTorch |", "|---|---|---:|---:|---:|"]
+    for case in BATCH:
+        group, name = case.split("/")
+        if name not in cases:
+            continue
+        reference = torch_results["cases"].get(case)
+        for backend in backends:
+            estimates = criterion / group / name / backend / "new" / "estimates.json"
+            if not estimates.exists():
+                continue
+            seconds = json.loads(estimates.read_text())["median"]["point_estimate"] / 1e9
+            burn = BATCH[case] / seconds
+            ratio = f"{burn / reference:.2f}x" if reference else "-"
+            rows.append(f"| {case} | {backend} | {burn:.1f} | {reference:.1f} | {ratio} |")
+    table = "\n".join(rows)
+    print(f"\nPyTorch {torch_results['torch']} on {torch_results['device']}, {torch_results['threads']} threads\n")
+    print(table)
+    if args.markdown:
+        pathlib.Path(args.markdown).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
