@@ -433,7 +433,7 @@ fn batchnorm_uses_batch_statistics_in_training_only(device: &Device) {
     let running_before = values(eval.bn1.running_mean.value());
     let x = x.without_autodiff();
     let whole = values(eval.forward(x.clone()));
-    let first = values(eval.forward(x.clone().slice([0..1])));
+    let first = values(eval.forward(x.clone().narrow(0, 0, 1)));
     assert!(relative_error(&first, &whole[..10]) < 1e-5);
     assert_eq!(values(eval.bn1.running_mean.value()), running_before);
 
@@ -441,7 +441,7 @@ fn batchnorm_uses_batch_statistics_in_training_only(device: &Device) {
     let model = tiny(BlockKind::Basic).init(&autodiff);
     let x = x.autodiff();
     let whole = values(model.forward(x.clone()));
-    let first = values(model.forward(x.slice([0..1])));
+    let first = values(model.forward(x.narrow(0, 0, 1)));
     assert!(relative_error(&first, &whole[..10]) > 1e-3);
 }
 

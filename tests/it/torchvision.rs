@@ -411,3 +411,107 @@ fn export_for_torchvision() {
         .unwrap();
     }
 }
+
+/// Full-size `.pth` files written by current torch (`tests/fixtures/make_full_size.py`)
+/// load and give torchvision's outputs.
+#[test]
+#[ignore = "needs TORCHVISION_PTH_DIR from tests/fixtures/make_full_size.py (145 MB)"]
+fn full_size_pth_files_match_torchvision() {
+    let dir = PathBuf::from(std::env::var_os("TORCHVISION_PTH_DIR").expect("TORCHVISION_PTH_DIR"));
+    let device = Device::flex();
+    for (name, config) in [
+        ("resnet18", ResNetConfig::resnet18(1000)),
+        ("resnet50", ResNetConfig::resnet50(1000)),
+    ] {
+        let model = config
+            .init(&device)
+            .load_torchvision(dir.join(format!("{name}.pth")))
+            .expect(name);
+        let io = read_safetensors(&dir.join(format!("{name}_io.safetensors")));
+        let (shape, input) = io["input"].clone();
+        let shape: [usize; 4] = shape.try_into().unwrap();
+        let x = Tensor::<4>::from_data(TensorData::new(input, shape), &device);
+        let error = relative_error(&values(model.valid().forward(x)), &io["output"].1);
+        println!("{name}: max |burn - torch| / max |torch| = {error:.2e}");
+        assert!(error < 1e-4, "{name}: {error}");
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct PublishedWeights {
+    name: String,
+    url: String,
+    num_params: usize,
+    top1: f64,
+    resize: usize,
+    default: bool,
+}
+
+#[test]
+fn pretrained_weights_are_torchvisions() {
+    use resnet_burn::pretrained::Pretrained;
+    let path = fixture("torchvision_architectures.json");
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let published: Vec<PublishedWeights> =
+        serde_json::from_value(reference["pretrained"].clone()).unwrap();
+    assert_eq!(published.len(), Pretrained::ALL.len());
+    for (weights, torchvision) in Pretrained::ALL.iter().zip(&published) {
+        assert_eq!(weights.name(), torchvision.name);
+        assert_eq!(weights.url(), torchvision.url);
+        assert_eq!(
+            weights.resize_size(),
+            torchvision.resize,
+            "{}",
+            torchvision.name
+        );
+        assert_eq!(weights.top1(), torchvision.top1, "{}", torchvision.name);
+        let model = weights.config().init(&Device::flex());
+        assert_eq!(
+            model.trainable_params(),
+            torchvision.num_params,
+            "{}",
+            torchvision.name
+        );
+        assert_eq!(Pretrained::from_name(&torchvision.name), Some(*weights));
+        assert_eq!(Pretrained::from_name(weights.file_name()), Some(*weights));
+        if torchvision.default {
+            assert_eq!(
+                Pretrained::from_name(weights.preset()),
+                Some(*weights),
+                "DEFAULT of {}",
+                weights.preset()
+            );
+        }
+    }
+    assert_eq!(Pretrained::ResNet18ImageNet1kV1.hash_prefix(), "f37072fd");
+}
+
+#[test]
+fn pretrained_offline_says_where_to_put_the_file() {
+    use resnet_burn::pretrained::Pretrained;
+    let dir = tempdir().join("pretrained-cache");
+    let weights = Pretrained::ResNet18ImageNet1kV1;
+    let error = weights
+        .fetch_from("http://127.0.0.1:9/resnet18-f37072fd.pth", &dir)
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(matches!(error, ImportError::Download { .. }), "{error:?}");
+    assert!(
+        message.contains(&dir.join("resnet18-f37072fd.pth").display().to_string()),
+        "{message}"
+    );
+    assert!(!dir.join("resnet18-f37072fd.pth").exists());
+
+    // A file that is there but is not the published one is refused.
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        fixture("parity_basic.pth"),
+        dir.join("resnet18-f37072fd.pth"),
+    )
+    .unwrap();
+    let error = weights
+        .fetch_from("http://127.0.0.1:9/unused", &dir)
+        .unwrap_err();
+    assert!(error.to_string().contains("SHA-256"), "{error}");
+}

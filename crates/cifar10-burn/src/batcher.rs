@@ -39,8 +39,8 @@ impl HostBatch {
     /// Augments (when `augmentation` is given) and normalizes `images`, in parallel. The
     /// random choices for image `i` come from `Rng::stream(seed, &[i])`, so the result does
     /// not depend on the number of threads.
-    pub fn prepare<'a>(
-        images: &[&'a [u8]],
+    pub fn prepare(
+        images: &[&[u8]],
         labels: &[u8],
         augmentation: Option<&Augmentation>,
         seed: u64,

@@ -41,7 +41,7 @@ pub fn parse_batch(
     labels: &mut Vec<u8>,
     images: &mut Vec<u8>,
 ) -> Result<usize, Cifar10Error> {
-    if bytes.is_empty() || bytes.len() % RECORD_BYTES != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(RECORD_BYTES) {
         return Err(Cifar10Error::Length {
             path: path.to_path_buf(),
             len: bytes.len() as u64,

@@ -29,6 +29,8 @@
 //!   `.pth` (without running the pickle) and `.safetensors` files strictly, with
 //!   [`ImportError`] listing every offending key; [`ResNet::save_torchvision`] writes
 //!   safetensors that torchvision loads with `strict=True`.
+//! - [`pretrained`] (feature `pretrained`): torchvision's published ImageNet weights,
+//!   downloaded once and verified.
 //!
 //! ## Backends
 //! Nothing here names a backend: the device a model is built on decides. The cargo features
@@ -40,6 +42,8 @@
 
 pub mod block;
 pub mod config;
+#[cfg(feature = "pretrained")]
+pub mod pretrained;
 mod pth;
 pub mod resnet;
 pub mod torchvision;

@@ -512,7 +512,7 @@ impl<'a> Machine<'a> {
     }
 
     fn set_items(&mut self, items: Vec<Value>) -> Result<(), ImportError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.error("SETITEMS with an odd number of items"));
         }
         let Some(Value::Dict(dict)) = self.stack.last_mut() else {

@@ -157,6 +157,19 @@ pub enum ImportError {
         /// The file.
         path: PathBuf,
     },
+    /// Pretrained weights could not be downloaded.
+    #[error(
+        "cannot download {url}: {message}. Without internet, download that file elsewhere and \
+         put it at {path} (or pass the file's path instead of the weights' name)"
+    )]
+    Download {
+        /// The address.
+        url: String,
+        /// Where the file belongs.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// Keys or shapes differ from the model's; every offending key is listed.
     #[error("{}", mismatch_message(path, missing, unexpected, shapes))]
     Mismatch {
