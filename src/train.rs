@@ -229,7 +229,7 @@ pub struct Control {
     pub stop: Arc<AtomicBool>,
     /// Stop as if interrupted once this many steps have run in this process (tests).
     pub stop_after_steps: Option<usize>,
-    /// Show progress bars and per-epoch lines.
+    /// Show progress bars (a line per epoch is printed either way).
     pub progress: bool,
 }
 
@@ -391,19 +391,17 @@ pub fn train(
             seconds,
             images_per_second: state.seen as f64 / seconds,
         };
-        if control.progress {
-            println!(
-                "epoch {:>3}/{}  train loss {:.4} acc {:.2}%  test loss {:.4} acc {:.2}%  {:.1}s  {:.0} img/s",
-                metrics.epoch,
-                options.epochs,
-                metrics.train_loss,
-                100.0 * metrics.train_accuracy,
-                metrics.test_loss,
-                100.0 * metrics.test_accuracy,
-                metrics.seconds,
-                metrics.images_per_second
-            );
-        }
+        println!(
+            "epoch {:>3}/{}  train loss {:.4} acc {:.2}%  test loss {:.4} acc {:.2}%  {:.1}s  {:.0} img/s",
+            metrics.epoch,
+            options.epochs,
+            metrics.train_loss,
+            100.0 * metrics.train_accuracy,
+            metrics.test_loss,
+            100.0 * metrics.test_accuracy,
+            metrics.seconds,
+            metrics.images_per_second
+        );
         state.history.push(metrics);
         state.epoch += 1;
         state.step = 0;
