@@ -14,7 +14,7 @@
 //! ```
 //!
 //! ## Map
-//! - [`format`]: the 3073-byte record format, parsed and validated.
+//! - [`format`](mod@format): the 3073-byte record format, parsed and validated.
 //! - [`Cifar10Dataset`] ([`dataset`]): a split in memory, from the folder, its parent or the
 //!   `.tar.gz` archive; Burn's `Dataset<Cifar10Item>`.
 //! - [`download`] (feature `download`, on by default): fetch, verify and extract the archive
