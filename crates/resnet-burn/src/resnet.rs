@@ -1,6 +1,6 @@
 //! [`ResNet`]: stem, four residual stages, global average pooling and a linear head.
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, Linear, LinearConfig, PaddingConfig2d};
@@ -224,9 +224,15 @@ impl ResNet {
     /// (buffers in PyTorch, not parameters): 11,183,562 instead of 11,173,962 for the CIFAR
     /// ResNet-18 with 10 classes.
     pub fn trainable_params(&self) -> usize {
-        let mut counter = TrainableParams::default();
-        self.visit(&mut counter);
-        counter.count
+        self.torchvision_state_dict()
+            .iter()
+            .filter(|entry| {
+                let buffer =
+                    entry.key.ends_with(".running_mean") || entry.key.ends_with(".running_var");
+                entry.burn_path.is_some() && !buffer
+            })
+            .map(|entry| entry.shape.iter().product::<usize>())
+            .sum()
     }
 }
 
@@ -287,32 +293,5 @@ impl StageBuilder<'_> {
                 }
             })
             .collect()
-    }
-}
-
-/// Counts parameters, leaving out BatchNorm's running statistics (PyTorch buffers).
-#[derive(Default)]
-struct TrainableParams {
-    field: Vec<String>,
-    count: usize,
-}
-
-impl ModuleVisitor for TrainableParams {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.field.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.field.pop();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let buffer = matches!(
-            self.field.last().map(String::as_str),
-            Some("running_mean" | "running_var")
-        );
-        if !buffer {
-            self.count += param.lazy_shape().num_elements();
-        }
     }
 }
