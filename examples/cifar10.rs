@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release --example cifar10 -- --help
 //! cargo run --release --example cifar10 -- --backend flex --limit-train 2000 --limit-test 1000 --epochs 2
+//! cargo run --release --example cifar10 --features cuda -- --backend cuda:0,cuda:1
 //! ```
 
 use std::path::PathBuf;
@@ -12,24 +13,55 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result};
 use burn::tensor::{Device, DeviceKind};
 use cifar10_burn::{Cifar10Dataset, Split};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use resnet_burn::ResNetConfig;
 use resnet_burn_examples::train::{Control, Outcome, TrainOptions, train};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+/// One device of `--backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Backend {
     /// A GPU through wgpu when there is one (discrete, then integrated), else flex.
     Auto,
-    /// wgpu on its default adapter (set CUBECL_WGPU_DEFAULT_DEVICE=Cpu for lavapipe).
-    Wgpu,
-    /// CUDA device 0 (needs the `cuda` feature, which needs internet to build).
-    Cuda,
-    /// wgpu pinned to Vulkan (needs the `vulkan` feature).
-    Vulkan,
+    /// wgpu on its default adapter, or on discrete GPU `n` (`wgpu:n`).
+    Wgpu(Option<usize>),
+    /// CUDA device `n` (`cuda`, `cuda:n`; needs the `cuda` feature).
+    Cuda(usize),
+    /// wgpu pinned to Vulkan, default adapter or discrete GPU `n` (needs `vulkan`).
+    Vulkan(Option<usize>),
     /// Burn's pure-Rust CPU backend.
     Flex,
     /// The ndarray CPU backend (deprecated in Burn 0.22, still supported).
     Ndarray,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (name, index) = match text.split_once(':') {
+            Some((name, index)) => {
+                let index = index
+                    .parse::<usize>()
+                    .map_err(|_| format!("{text:?}: the part after ':' must be a device number"))?;
+                (name, Some(index))
+            }
+            None => (text, None),
+        };
+        Ok(match (name, index) {
+            ("auto", None) => Backend::Auto,
+            ("wgpu", index) => Backend::Wgpu(index),
+            ("cuda", index) => Backend::Cuda(index.unwrap_or(0)),
+            ("vulkan", index) => Backend::Vulkan(index),
+            ("flex", None) => Backend::Flex,
+            ("ndarray", None) => Backend::Ndarray,
+            _ => {
+                return Err(format!(
+                    "unknown device {text:?}; use auto, wgpu[:N], cuda[:N], vulkan[:N], flex or \
+                     ndarray"
+                ));
+            }
+        })
+    }
 }
 
 /// Train a ResNet (CIFAR stem) on CIFAR-10 with SGD + Nesterov momentum, weight decay on
@@ -39,9 +71,13 @@ enum Backend {
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 struct Args {
-    /// Where to train.
-    #[arg(long, value_enum, default_value = "auto")]
-    backend: Backend,
+    /// Where to train: auto (a GPU through wgpu when there is one, else flex), wgpu,
+    /// wgpu:N (discrete GPU N), cuda[:N] (needs the `cuda` feature), vulkan[:N] (needs
+    /// `vulkan`), flex or ndarray (CPU). Several, comma-separated (cuda:0,cuda:1), train
+    /// data-parallel: each step's batch is split between them and the first one holds the
+    /// model and evaluates.
+    #[arg(long, default_value = "auto", value_delimiter = ',')]
+    backend: Vec<Backend>,
     /// The network: any resnet-burn preset (resnet18, resnet34, resnet50, resnext50_32x4d, ...).
     #[arg(long, default_value = "resnet18")]
     model: String,
@@ -115,8 +151,15 @@ fn main() -> Result<()> {
             ResNetConfig::PRESETS
         );
     }
-    let device = pick_device(args.backend)?;
-    println!("device: {device:?}");
+    let devices = args
+        .backend
+        .iter()
+        .map(|&backend| pick_device(backend))
+        .collect::<Result<Vec<_>>>()?;
+    match devices.as_slice() {
+        [device] => println!("device: {device:?}"),
+        _ => println!("devices (data parallel): {devices:?}"),
+    }
 
     let data_dir = data_dir(args.data_dir.clone())?;
     let load = |split, limit: Option<usize>| -> Result<Arc<Cifar10Dataset>> {
@@ -176,7 +219,7 @@ fn main() -> Result<()> {
         &options,
         train_set,
         test_set,
-        &device,
+        &devices,
         &args.artifact_dir,
         &control,
     )? {
@@ -215,14 +258,18 @@ fn pick_device(backend: Backend) -> Result<Device> {
         Backend::Flex => Device::flex(),
         #[allow(deprecated)] // still supported here, see the README
         Backend::Ndarray => Device::ndarray(),
-        Backend::Wgpu => Device::wgpu(DeviceKind::DefaultDevice),
-        Backend::Vulkan => vulkan()?,
-        Backend::Cuda => cuda()?,
+        Backend::Wgpu(index) => Device::wgpu(wgpu_kind(index)),
+        Backend::Vulkan(index) => vulkan(wgpu_kind(index))?,
+        Backend::Cuda(index) => cuda(index)?,
         Backend::Auto => [DeviceKind::DiscreteGpu(0), DeviceKind::IntegratedGpu(0)]
             .into_iter()
             .find_map(probe_wgpu)
             .unwrap_or_else(Device::flex),
     })
+}
+
+fn wgpu_kind(index: Option<usize>) -> DeviceKind {
+    index.map_or(DeviceKind::DefaultDevice, DeviceKind::DiscreteGpu)
 }
 
 /// A wgpu device of `kind` if one exists: creating a tensor on a missing adapter panics in
@@ -241,23 +288,23 @@ fn probe_wgpu(kind: DeviceKind) -> Option<Device> {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda() -> Result<Device> {
-    Ok(Device::cuda(0))
+fn cuda(index: usize) -> Result<Device> {
+    Ok(Device::cuda(index))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda() -> Result<Device> {
+fn cuda(_index: usize) -> Result<Device> {
     anyhow::bail!(
         "this build has no CUDA backend: rebuild with `--features cuda` (needs internet to build)"
     )
 }
 
 #[cfg(feature = "vulkan")]
-fn vulkan() -> Result<Device> {
-    Ok(Device::vulkan(DeviceKind::DefaultDevice))
+fn vulkan(kind: DeviceKind) -> Result<Device> {
+    Ok(Device::vulkan(kind))
 }
 
 #[cfg(not(feature = "vulkan"))]
-fn vulkan() -> Result<Device> {
+fn vulkan(_kind: DeviceKind) -> Result<Device> {
     anyhow::bail!("this build has no pinned Vulkan backend: rebuild with `--features vulkan`")
 }

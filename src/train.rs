@@ -1,7 +1,8 @@
 //! The CIFAR-10 training loop of `examples/cifar10.rs`: SGD with Nesterov momentum, weight
 //! decay on convolution and linear weights only, linear warm-up then cosine decay of the
 //! learning rate, label smoothing, crop + flip (+ Cutout) augmentation, evaluation with
-//! BatchNorm's running statistics, and crash-safe checkpoints that resume exactly.
+//! BatchNorm's running statistics, and crash-safe checkpoints that resume exactly. Given
+//! several devices, it trains data-parallel ([`crate::parallel`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,17 +11,18 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::module::{Module, ParamGroup};
-use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
+use burn::nn::loss::CrossEntropyLoss;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::optim::{ModuleOptimizer, SgdConfig};
 use burn::store::ModuleRecord;
-use burn::tensor::{Bytes, Device, Int, Tensor};
+use burn::tensor::{Bytes, Device};
 use cifar10_burn::{Augmentation, Cifar10Batch, Cifar10Dataset, EpochLoader};
 use resnet_burn::{ResNet, ResNetConfig, Stem};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{pack, unpack, write_atomic};
+use crate::parallel::{DataParallel, StepOutput, initialize, loss_and_correct, loss_fn};
 
 /// Everything that decides what a run computes. Saved as `config.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -171,7 +173,7 @@ impl EpochMetrics {
 pub struct Summary {
     /// The preset trained.
     pub model: String,
-    /// The device, as Burn names it.
+    /// The device, as Burn names it (devices, comma-separated, for data-parallel runs).
     pub backend: String,
     /// Epochs trained.
     pub epochs: usize,
@@ -251,21 +253,39 @@ struct RunState {
 /// Trains `options.model` on `train` and evaluates on `test` every epoch, writing
 /// `config.json`, `metrics.csv`, `curves.png`, `checkpoint.bin`, `model.bpk`,
 /// `model.safetensors` and `summary.json` into `artifact_dir`.
+///
+/// With several `devices`, each step splits its batch between them (data parallel, see
+/// [`crate::parallel`]); the first device holds the model and the optimizer, and
+/// evaluates.
 pub fn train(
     options: &TrainOptions,
     train: Arc<Cifar10Dataset>,
     test: Arc<Cifar10Dataset>,
-    device: &Device,
+    devices: &[Device],
     artifact_dir: &Path,
     control: &Control,
 ) -> Result<Outcome> {
     let config = options.model_config()?;
+    let Some(device) = devices.first() else {
+        bail!("no device to train on");
+    };
+    let autodiff_devices: Vec<Device> = devices.iter().map(|d| d.clone().autodiff()).collect();
+    let replicas = DataParallel::new(&autodiff_devices, options.label_smoothing)?;
+    if options.batch_size < devices.len() {
+        bail!(
+            "--batch-size {} is smaller than the number of devices ({}); each device needs \
+             at least one image a step",
+            options.batch_size,
+            devices.len()
+        );
+    }
     std::fs::create_dir_all(artifact_dir)
         .with_context(|| format!("creating the artifact folder {}", artifact_dir.display()))?;
     let checkpoint_path = artifact_dir.join("checkpoint.bin");
-    let autodiff = device.clone().autodiff();
+    let autodiff = autodiff_devices[0].clone();
     device.seed(options.seed);
     let mut model = config.init(&autodiff);
+    initialize(&model);
     let mut optimizer = options.optimizer()?;
     let mut state = RunState {
         options: Some(options.clone()),
@@ -303,10 +323,7 @@ pub fn train(
     );
     let steps_per_epoch = loader.num_batches();
     let total_steps = steps_per_epoch * options.epochs;
-    let loss_fn = CrossEntropyLossConfig::new()
-        .with_smoothing((options.label_smoothing > 0.0).then_some(options.label_smoothing))
-        .init(&autodiff);
-    let eval_loss = CrossEntropyLossConfig::new().init(device);
+    let eval_loss = loss_fn(0.0, device);
     let mut steps_this_process = 0;
 
     while state.epoch < options.epochs {
@@ -323,10 +340,11 @@ pub fn train(
             let step = state.step;
             lr =
                 options.learning_rate(epoch * steps_per_epoch + step, steps_per_epoch, total_steps);
-            let Cifar10Batch { images, targets } = host.to_device(&autodiff);
-            let logits = model.forward(images);
-            let loss = loss_fn.forward(logits.clone(), targets.clone());
-            let [loss_value, correct] = loss_and_correct(&loss, logits, targets);
+            let StepOutput {
+                grads,
+                loss: loss_value,
+                correct,
+            } = replicas.gradients(&model, host)?;
             if !loss_value.is_finite() {
                 bar.abandon();
                 return Err(NonFiniteLoss {
@@ -336,7 +354,6 @@ pub fn train(
                 }
                 .into());
             }
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optimizer.step(lr, model, grads);
 
             let batch = options.batch_size as u64;
@@ -432,7 +449,7 @@ pub fn train(
     let summary = summarize(
         options,
         &state.history,
-        device,
+        devices,
         &model,
         train.len(),
         test.len(),
@@ -442,28 +459,6 @@ pub fn train(
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     Ok(Outcome::Finished(summary))
-}
-
-/// Reads the loss and the number of correct predictions with one transfer from the device.
-fn loss_and_correct(loss: &Tensor<1>, logits: Tensor<2>, targets: Tensor<1, Int>) -> [f32; 2] {
-    let [batch, _] = logits.dims();
-    let correct = logits
-        .detach()
-        .argmax(1)
-        .reshape([batch])
-        .equal(targets)
-        .int()
-        .sum()
-        .float();
-    let both = Tensor::cat(
-        vec![loss.clone().detach().reshape([1]), correct.reshape([1])],
-        0,
-    );
-    let values: Vec<f32> = both
-        .into_data()
-        .try_into_vec_as::<f32>()
-        .expect("f32 values");
-    [values[0], values[1]]
 }
 
 /// Test loss and accuracy.
@@ -489,7 +484,7 @@ pub fn evaluate(
         let Cifar10Batch { images, targets } = host.to_device(device);
         let logits = model.forward(images);
         let loss = loss_fn.forward(logits.clone(), targets.clone());
-        let [l, c] = loss_and_correct(&loss, logits, targets);
+        let (l, c) = loss_and_correct(&loss, logits, targets);
         loss_sum += l as f64 * n as f64;
         correct += c as f64;
         seen += n;
@@ -503,7 +498,7 @@ pub fn evaluate(
 fn summarize(
     options: &TrainOptions,
     history: &[EpochMetrics],
-    device: &Device,
+    devices: &[Device],
     model: &ResNet,
     train_images: usize,
     test_images: usize,
@@ -515,7 +510,11 @@ fn summarize(
         .sum();
     Summary {
         model: options.model.clone(),
-        backend: format!("{device:?}"),
+        backend: devices
+            .iter()
+            .map(|d| format!("{d:?}"))
+            .collect::<Vec<_>>()
+            .join(", "),
         epochs: history.len(),
         test_accuracy: history.last().map_or(0.0, |m| m.test_accuracy),
         best_test_accuracy: history.iter().map(|m| m.test_accuracy).fold(0.0, f64::max),

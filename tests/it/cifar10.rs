@@ -423,3 +423,42 @@ fn batcher_makes_normalized_device_tensors() {
         .unwrap();
     assert_eq!(augmented, again);
 }
+
+#[test]
+fn a_batch_splits_into_near_equal_consecutive_shards() {
+    let batch = HostBatch {
+        pixels: (0..10 * IMAGE_BYTES).map(|v| v as f32).collect(),
+        labels: (0..10).collect(),
+    };
+    let shards = batch.clone().split(3);
+    let sizes: Vec<usize> = shards.iter().map(HostBatch::len).collect();
+    assert_eq!(sizes, [4, 3, 3]);
+    assert_eq!(
+        shards
+            .iter()
+            .flat_map(|s| s.labels.clone())
+            .collect::<Vec<_>>(),
+        batch.labels
+    );
+    assert_eq!(
+        shards
+            .iter()
+            .flat_map(|s| s.pixels.clone())
+            .collect::<Vec<_>>(),
+        batch.pixels
+    );
+    assert_eq!(shards[1].pixels[0], (4 * IMAGE_BYTES) as f32);
+
+    let whole: Vec<usize> = batch.clone().split(1).iter().map(HostBatch::len).collect();
+    assert_eq!(whole, [10]);
+    let small = HostBatch {
+        pixels: vec![0.0; 2 * IMAGE_BYTES],
+        labels: vec![1, 2],
+    };
+    assert_eq!(small.split(5).len(), 2); // a shard an image, never an empty one
+    let empty = HostBatch {
+        pixels: Vec::new(),
+        labels: Vec::new(),
+    };
+    assert!(empty.split(2).is_empty());
+}

@@ -1,16 +1,22 @@
 //! The training loop of `examples/cifar10.rs` on tiny generated data: the loss falls, an
-//! interrupted and resumed run ends exactly as an uninterrupted one, a NaN stops the run.
+//! interrupted and resumed run ends exactly as an uninterrupted one, a NaN stops the run;
+//! data-parallel steps on two CPU devices (flex and ndarray).
 
 use std::path::Path;
 use std::sync::Arc;
 
-use burn::tensor::Device;
-use cifar10_burn::{Cifar10Dataset, Split};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor};
+use cifar10_burn::{Cifar10Dataset, HostBatch, Rng, Split};
+use resnet_burn::{ResNet, ResNetConfig, Stem};
+use resnet_burn_examples::parallel::DataParallel;
 use resnet_burn_examples::train::{
     Control, EpochMetrics, NonFiniteLoss, Outcome, TrainOptions, train,
 };
 
 use crate::cifar10::{scratch, write_fake_cifar};
+use crate::devices;
 
 fn tiny_options() -> TrainOptions {
     TrainOptions {
@@ -63,7 +69,7 @@ fn the_loss_falls_and_the_artifacts_are_written() {
         &options,
         train_set,
         test_set,
-        &Device::flex(),
+        &[Device::flex()],
         &out,
         &Control::default(),
     )
@@ -118,14 +124,14 @@ fn the_loss_falls_and_the_artifacts_are_written() {
 fn an_interrupted_run_resumes_to_the_same_metrics() {
     let (train_set, test_set) = tiny_data("train-resume");
     let options = tiny_options(); // 5 steps an epoch, 3 epochs
-    let device = Device::flex();
+    let devices = [Device::flex()];
 
     let straight = scratch("train-resume-straight");
     train(
         &options,
         train_set.clone(),
         test_set.clone(),
-        &device,
+        &devices,
         &straight,
         &Control::default(),
     )
@@ -140,7 +146,7 @@ fn an_interrupted_run_resumes_to_the_same_metrics() {
         &options,
         train_set.clone(),
         test_set.clone(),
-        &device,
+        &devices,
         &resumed,
         &stop_in_epoch_2,
     )
@@ -154,7 +160,7 @@ fn an_interrupted_run_resumes_to_the_same_metrics() {
         resume: true,
         ..Control::default()
     };
-    let outcome = train(&options, train_set, test_set, &device, &resumed, &resume).unwrap();
+    let outcome = train(&options, train_set, test_set, &devices, &resumed, &resume).unwrap();
     assert!(matches!(outcome, Outcome::Finished(_)));
     assert_eq!(results(&resumed), results(&straight));
 }
@@ -175,7 +181,7 @@ fn resuming_with_other_options_is_refused() {
         &options,
         train_set.clone(),
         test_set.clone(),
-        &Device::flex(),
+        &[Device::flex()],
         &out,
         &stop,
     )
@@ -185,7 +191,15 @@ fn resuming_with_other_options_is_refused() {
         resume: true,
         ..Control::default()
     };
-    let error = train(&other, train_set, test_set, &Device::flex(), &out, &resume).unwrap_err();
+    let error = train(
+        &other,
+        train_set,
+        test_set,
+        &[Device::flex()],
+        &out,
+        &resume,
+    )
+    .unwrap_err();
     assert!(error.to_string().contains("other options"), "{error}");
 }
 
@@ -203,7 +217,7 @@ fn a_non_finite_loss_stops_the_run_and_names_the_step() {
         &options,
         train_set,
         test_set,
-        &Device::flex(),
+        &[Device::flex()],
         &out,
         &Control::default(),
     )
@@ -239,4 +253,190 @@ fn the_schedule_warms_up_then_decays_to_zero() {
     assert!(options.learning_rate(49, per_epoch, total) < 0.001);
     let metrics: Vec<EpochMetrics> = Vec::new();
     assert!(!resnet_burn_examples::plot::curves(&metrics).is_empty());
+}
+
+/// A small batch of generated, normalized images with labels 0..10.
+fn generated_batch(images: usize, seed: u64) -> HostBatch {
+    let mut rng = Rng::new(seed);
+    HostBatch {
+        pixels: (0..images * 3 * 32 * 32)
+            .map(|_| (rng.next_u64() % 1000) as f32 / 500.0 - 1.0)
+            .collect(),
+        labels: (0..images).map(|i| (i % 10) as i64).collect(),
+    }
+}
+
+/// Every parameter gradient of `model` in `grads`, flattened, in visiting order.
+fn gradient_values(model: &ResNet, grads: &GradientsParams) -> Vec<Vec<f32>> {
+    struct Collect<'a> {
+        grads: &'a GradientsParams,
+        values: Vec<Vec<f32>>,
+    }
+    impl ModuleVisitor for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(grad) = self.grads.get::<D>(param.id) {
+                self.values
+                    .push(grad.into_data().try_into_vec_as::<f32>().unwrap());
+            }
+        }
+    }
+    let mut collect = Collect {
+        grads,
+        values: Vec::new(),
+    };
+    model.visit(&mut collect);
+    collect.values
+}
+
+#[test]
+fn data_parallel_gradients_are_the_weighted_sum_of_the_shard_gradients() {
+    let main = Device::flex().autodiff();
+    let second = devices::ndarray().autodiff();
+    let config = ResNetConfig::resnet18(10)
+        .with_stem(Stem::Cifar)
+        .with_base_channels(4);
+    main.seed(3);
+    let model = config.init(&main);
+    let batch = generated_batch(7, 11); // shards of 4 and 3 images
+
+    let parallel = DataParallel::new(&[main.clone(), second], 0.1).unwrap();
+    let both = parallel.gradients(&model, batch.clone()).unwrap();
+
+    // The same shards, one after the other on the main device alone.
+    let single = DataParallel::new(std::slice::from_ref(&main), 0.1).unwrap();
+    let shards = batch.split(2);
+    assert_eq!([shards[0].len(), shards[1].len()], [4, 3]);
+    let parts: Vec<_> = shards
+        .into_iter()
+        .map(|shard| single.gradients(&model, shard).unwrap())
+        .collect();
+
+    let expected_loss = (4.0 * parts[0].loss + 3.0 * parts[1].loss) / 7.0;
+    assert!((both.loss - expected_loss).abs() < 1e-4 * expected_loss.abs());
+    assert_eq!(both.correct, parts[0].correct + parts[1].correct);
+
+    let got = gradient_values(&model, &both.grads);
+    let first = gradient_values(&model, &parts[0].grads);
+    let last = gradient_values(&model, &parts[1].grads);
+    // Every parameter has its gradient: the state dict less 20 BatchNorms' three buffers.
+    assert_eq!(got.len(), model.torchvision_state_dict().len() - 3 * 20);
+    for (k, ((got, a), b)) in got.iter().zip(&first).zip(&last).enumerate() {
+        let expected: Vec<f32> = a
+            .iter()
+            .zip(b)
+            .map(|(a, b)| (4.0 * a + 3.0 * b) / 7.0)
+            .collect();
+        let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let error = got
+            .iter()
+            .zip(&expected)
+            .fold(0f32, |m, (g, e)| m.max((g - e).abs()));
+        assert!(
+            error <= 1e-4 * scale,
+            "parameter {k}: max difference {error} (largest gradient {scale})"
+        );
+    }
+}
+
+#[test]
+fn two_cpu_devices_train_data_parallel_and_resume_exactly() {
+    let (train_set, test_set) = tiny_data("train-parallel");
+    let options = TrainOptions {
+        epochs: 2,
+        ..tiny_options()
+    };
+    let devices = [Device::flex(), devices::ndarray()];
+
+    let straight = scratch("train-parallel-straight");
+    let Outcome::Finished(summary) = train(
+        &options,
+        train_set.clone(),
+        test_set.clone(),
+        &devices,
+        &straight,
+        &Control::default(),
+    )
+    .unwrap() else {
+        panic!("not finished")
+    };
+    assert!(summary.backend.contains("Flex") && summary.backend.contains("NdArray"));
+    let losses: Vec<f64> = results(&straight)
+        .iter()
+        .map(|row| row[2].parse().unwrap())
+        .collect();
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    assert!(straight.join("model.safetensors").is_file());
+    // The replicas' threads do not make the run depend on timing.
+    let again = scratch("train-parallel-again");
+    train(
+        &options,
+        train_set.clone(),
+        test_set.clone(),
+        &devices,
+        &again,
+        &Control::default(),
+    )
+    .unwrap();
+    assert_eq!(results(&again), results(&straight));
+
+    let resumed = scratch("train-parallel-resumed");
+    let stop = Control {
+        stop_after_steps: Some(3),
+        ..Control::default()
+    };
+    let outcome = train(
+        &options,
+        train_set.clone(),
+        test_set.clone(),
+        &devices,
+        &resumed,
+        &stop,
+    )
+    .unwrap();
+    assert!(matches!(
+        outcome,
+        Outcome::Interrupted { epoch: 1, step: 3 }
+    ));
+    let resume = Control {
+        resume: true,
+        ..Control::default()
+    };
+    train(&options, train_set, test_set, &devices, &resumed, &resume).unwrap();
+    assert_eq!(results(&resumed), results(&straight));
+}
+
+#[test]
+fn data_parallel_refuses_a_device_twice_and_too_small_batches() {
+    let flex = Device::flex().autodiff();
+    let error = DataParallel::new(&[flex.clone(), flex.clone()], 0.0)
+        .err()
+        .expect("a device twice is refused");
+    assert!(error.to_string().contains("twice"), "{error}");
+
+    let parallel = DataParallel::new(&[flex.clone(), devices::ndarray().autodiff()], 0.0).unwrap();
+    let model = ResNetConfig::resnet18(10)
+        .with_stem(Stem::Cifar)
+        .with_base_channels(4)
+        .init(&flex);
+    let error = parallel
+        .gradients(&model, generated_batch(1, 1))
+        .err()
+        .expect("one image for two devices is refused");
+    assert!(error.to_string().contains("--batch-size"), "{error}");
+
+    let (train_set, test_set) = tiny_data("train-parallel-small");
+    let options = TrainOptions {
+        batch_size: 1,
+        ..tiny_options()
+    };
+    let error = train(
+        &options,
+        train_set,
+        test_set,
+        &[Device::flex(), devices::ndarray()],
+        &scratch("train-parallel-small-out"),
+        &Control::default(),
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("--batch-size 1"), "{error}");
 }

@@ -73,6 +73,27 @@ impl HostBatch {
         self.labels.is_empty()
     }
 
+    /// Splits the batch into `parts` consecutive shards whose sizes differ by at most one
+    /// (the first ones are larger), for data-parallel training. A batch smaller than
+    /// `parts` gives one shard an image; an empty batch gives no shard.
+    pub fn split(self, parts: usize) -> Vec<HostBatch> {
+        let n = self.len();
+        let parts = parts.clamp(1, n.max(1)).min(n);
+        let per_image = self.pixels.len() / n.max(1);
+        let mut shards = Vec::with_capacity(parts);
+        let mut start = 0;
+        for part in 0..parts {
+            let size = n / parts + usize::from(part < n % parts);
+            let end = start + size;
+            shards.push(HostBatch {
+                pixels: self.pixels[start * per_image..end * per_image].to_vec(),
+                labels: self.labels[start..end].to_vec(),
+            });
+            start = end;
+        }
+        shards
+    }
+
     /// Uploads the batch to `device`.
     pub fn to_device(self, device: &Device) -> Cifar10Batch {
         let n = self.len();
