@@ -3,8 +3,10 @@
 images/s for each case and backend with the ratio Burn / PyTorch.
 
     python3 benches/compare.py [--backends flex,ndarray,wgpu] [--cases resnet18_cifar]
+    python3 benches/compare.py --bench layers [--backends flex]
 
-Burn's figures come from criterion (`cargo bench --bench resnet`), read back from
+Burn's figures come from criterion (`cargo bench --bench resnet` or `--bench layers`), read
+back from
 target/criterion/*/new/estimates.json (median time per iteration); PyTorch's from
 benches/pytorch_reference.py with the same threads. Writes the table as Markdown too.
 """
@@ -22,6 +24,20 @@ BATCH = {
     "inference/resnet50_224": 8,
     "train_step/resnet50_224": 4,
 }
+LAYERS = [
+    "conv3x3_64_32px",
+    "conv3x3_128_16px",
+    "conv3x3_256_8px",
+    "conv3x3_512_4px",
+    "conv3x3_s2_64_32px",
+    "conv3x3_s2_128_16px",
+    "conv3x3_s2_256_8px",
+    "conv1x1_s2_64_32px",
+    "batchnorm_eval_64_32px",
+    "relu_64_32px",
+    "conv3x3_64_32px_forward_backward",
+]
+LAYER_BATCH = 64
 
 
 def target_dir():
@@ -34,22 +50,24 @@ def target_dir():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bench", default="resnet", choices=["resnet", "layers"])
     parser.add_argument("--backends", default="flex,ndarray,wgpu")
     parser.add_argument("--cases", default="resnet18_cifar,resnet50_224")
     parser.add_argument("--torch-device", default="cpu")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     args = parser.parse_args()
 
-    cases = args.cases.split(",")
+    layers = args.bench == "layers"
+    cases = LAYERS if layers else args.cases.split(",")
     backends = args.backends.split(",")
     env = dict(os.environ, BENCH_BACKENDS=args.backends)
-    filter_regex = "(" + "|".join(cases) + ")/(" + "|".join(backends) + ")"
-    subprocess.run(["cargo", "bench", "--bench", "resnet", "--", filter_regex], cwd=ROOT, env=env, check=True)
+    filter_regex = "(" + "|".join(cases) + ")/(" + "|".join(backends) + ")$"
+    subprocess.run(["cargo", "bench", "--bench", args.bench, "--", filter_regex], cwd=ROOT, env=env, check=True)
 
     torch_json = ROOT / "target-pytorch.json"
     subprocess.run(
         [sys.executable, str(ROOT / "benches/pytorch_reference.py"), "--device", args.torch_device,
-         "--json", str(torch_json), "--cases", ",".join(cases)],
+         "--json", str(torch_json), "--cases", ",".join(cases)] + (["--layers"] if layers else []),
         cwd=ROOT, check=True,
     )
     torch_results = json.loads(torch_json.read_text())
@@ -57,7 +75,8 @@ def main():
 
     criterion = target_dir() / "criterion"
     rows = ["| case | backend | Burn images/s | PyTorch images/s | Burn / PyTorch |", "|---|---|---:|---:|---:|"]
-    for case in BATCH:
+    batches = {f"layer/{name}": LAYER_BATCH for name in LAYERS} if layers else BATCH
+    for case in batches:
         group, name = case.split("/")
         if name not in cases:
             continue
@@ -67,9 +86,10 @@ def main():
             if not estimates.exists():
                 continue
             seconds = json.loads(estimates.read_text())["median"]["point_estimate"] / 1e9
-            burn = BATCH[case] / seconds
+            burn = batches[case] / seconds
             ratio = f"{burn / reference:.2f}x" if reference else "-"
-            rows.append(f"| {case} | {backend} | {burn:.1f} | {reference:.1f} | {ratio} |")
+            torch_figure = f"{reference:.1f}" if reference else "-"
+            rows.append(f"| {case} | {backend} | {burn:.1f} | {torch_figure} | {ratio} |")
     table = "\n".join(rows)
     print(f"\nPyTorch {torch_results['torch']} on {torch_results['device']}, {torch_results['threads']} threads\n")
     print(table)

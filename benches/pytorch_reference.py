@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""The cases of benches/resnet.rs in PyTorch, with the same shapes, in images per second.
+"""The cases of benches/resnet.rs (or, with --layers, benches/layers.rs) in PyTorch, with
+the same shapes, in images per second.
 
-    python3 benches/pytorch_reference.py [--device cpu|cuda] [--threads N] [--json out.json]
+    python3 benches/pytorch_reference.py [--layers] [--device cpu|cuda] [--threads N] [--json out.json]
 
 Inference: model.eval() under torch.no_grad(). Training step: forward, cross-entropy,
-backward, SGD update. fp32 (TF32 off on CUDA). The median of the timed steps is reported,
-after warm-up steps, syncing the device inside each timed step as the Rust benches do.
+backward, SGD update. Layers: forward under torch.no_grad(), and forward plus backward of
+the first stage's convolution. fp32 (TF32 off on CUDA). The median of the timed steps is
+reported, after warm-up steps, syncing the device inside each timed step as the Rust
+benches do.
 """
 import argparse
 import json
@@ -21,6 +24,54 @@ CASES = [
     ("resnet18_cifar", lambda: cifar_resnet18(), 32, 64, 64),
     ("resnet50_224", lambda: torchvision.models.resnet50(num_classes=1000), 224, 8, 4),
 ]
+
+
+LAYER_BATCH = 64
+# name, input channels, output channels, kernel, stride, input side (as in benches/layers.rs)
+CONVS = [
+    ("conv3x3_64_32px", 64, 64, 3, 1, 32),
+    ("conv3x3_128_16px", 128, 128, 3, 1, 16),
+    ("conv3x3_256_8px", 256, 256, 3, 1, 8),
+    ("conv3x3_512_4px", 512, 512, 3, 1, 4),
+    ("conv3x3_s2_64_32px", 64, 128, 3, 2, 32),
+    ("conv3x3_s2_128_16px", 128, 256, 3, 2, 16),
+    ("conv3x3_s2_256_8px", 256, 512, 3, 2, 8),
+    ("conv1x1_s2_64_32px", 64, 128, 1, 2, 32),
+]
+
+
+def layer_cases(device, seconds):
+    """images/s of each layer case of benches/layers.rs."""
+    results = {}
+
+    def measure(name, step):
+        results[f"layer/{name}"] = LAYER_BATCH / timed(step, device, seconds)
+        print(f"pytorch layer/{name}: {results[f'layer/{name}']:.1f} images/s", flush=True)
+
+    def no_grad(module, x):
+        def step():
+            with torch.no_grad():
+                module(x)
+        return step
+
+    for name, channels, out, kernel, stride, side in CONVS:
+        conv = nn.Conv2d(channels, out, kernel, stride, kernel // 2, bias=False).to(device)
+        x = torch.randn(LAYER_BATCH, channels, side, side, device=device)
+        measure(name, no_grad(conv, x))
+    x = torch.randn(LAYER_BATCH, 64, 32, 32, device=device)
+    measure("batchnorm_eval_64_32px", no_grad(nn.BatchNorm2d(64).to(device).eval(), x))
+    measure("relu_64_32px", no_grad(nn.ReLU(), x))
+
+    conv = nn.Conv2d(64, 64, 3, 1, 1, bias=False).to(device)
+    x = torch.randn(LAYER_BATCH, 64, 32, 32, device=device, requires_grad=True)
+
+    def forward_backward():
+        x.grad = None
+        conv.weight.grad = None
+        conv(x).sum().backward()
+
+    measure("conv3x3_64_32px_forward_backward", forward_backward)
+    return results
 
 
 def cifar_resnet18():
@@ -55,6 +106,7 @@ def main():
     parser.add_argument("--seconds", type=float, default=5.0, help="measurement time per case")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--cases", default="", help="comma-separated case names (default all)")
+    parser.add_argument("--layers", action="store_true", help="the cases of benches/layers.rs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,8 +114,10 @@ def main():
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device(args.device)
     results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device), "cases": {}}
+    if args.layers:
+        results["cases"] = layer_cases(device, args.seconds)
     for name, build, size, infer_batch, train_batch in CASES:
-        if args.cases and name not in args.cases.split(","):
+        if args.layers or (args.cases and name not in args.cases.split(",")):
             continue
         model = build().to(device)
         classes = model.fc.out_features

@@ -10,9 +10,10 @@
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{GradientsParams, SgdConfig};
-use burn::tensor::{Device, DeviceKind, Distribution, Int, Tensor};
+use burn::tensor::{Distribution, Int, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use resnet_burn::{ResNetConfig, Stem};
+use resnet_burn_examples::bench::backends;
 use std::time::Duration;
 
 struct Case {
@@ -39,21 +40,6 @@ const CASES: [Case; 2] = [
         train_batch: 4,
     },
 ];
-
-fn backends() -> Vec<(&'static str, Device)> {
-    #[allow(deprecated)] // burn-ndarray is deprecated in Burn 0.22; measured all the same
-    let mut devices = vec![
-        ("flex", Device::flex()),
-        ("ndarray", Device::ndarray()),
-        ("wgpu", Device::wgpu(DeviceKind::DefaultDevice)),
-    ];
-    #[cfg(feature = "cuda")]
-    devices.push(("cuda", Device::cuda(0)));
-    devices.retain(|(name, _)| {
-        std::env::var("BENCH_BACKENDS").map_or(true, |list| list.split(',').any(|b| b == *name))
-    });
-    devices
-}
 
 fn inference(c: &mut Criterion) {
     let mut group = c.benchmark_group("inference");

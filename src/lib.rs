@@ -1,7 +1,9 @@
 //! Support code of resnet-burn's examples, benchmarks and integration tests (not
 //! published): the CIFAR-10 training loop ([`train`]) and its data-parallel steps
-//! ([`parallel`]), crash-safe files ([`checkpoint`]) and the curves plot ([`plot`]).
+//! ([`parallel`]), crash-safe files ([`checkpoint`]), the curves plot ([`plot`]) and the
+//! devices the benchmarks measure ([`bench`]).
 
+pub mod bench;
 pub mod checkpoint;
 pub mod parallel;
 pub mod plot;

@@ -1,0 +1,90 @@
+//! The layers of the CIFAR-stem ResNet-18 one by one, at batch 64, in images per second:
+//! where a backend's time goes, layer by layer, against the same layers in PyTorch
+//! (`python3 benches/compare.py --bench layers`).
+//!
+//! Cases: every 3x3 convolution shape of the network (stride 1 in each stage, stride 2 at
+//! the start of stages 2-4), a 1x1 stride-2 downsampling convolution, and BatchNorm
+//! (evaluation) and ReLU on the largest activation, all forward only, on a device without
+//! autodiff; plus forward and backward of the first stage's 3x3 convolution on the autodiff
+//! device. Ids are `layer/<case>/<backend>`; `$BENCH_BACKENDS` selects backends.
+
+use std::time::Duration;
+
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{BatchNormConfig, PaddingConfig2d};
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Distribution, Tensor};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use resnet_burn_examples::bench::backends;
+
+const BATCH: usize = 64;
+
+/// A convolution case: name, input channels, output channels, kernel, stride, input side.
+const CONVS: [(&str, usize, usize, usize, usize, usize); 8] = [
+    ("conv3x3_64_32px", 64, 64, 3, 1, 32),
+    ("conv3x3_128_16px", 128, 128, 3, 1, 16),
+    ("conv3x3_256_8px", 256, 256, 3, 1, 8),
+    ("conv3x3_512_4px", 512, 512, 3, 1, 4),
+    ("conv3x3_s2_64_32px", 64, 128, 3, 2, 32),
+    ("conv3x3_s2_128_16px", 128, 256, 3, 2, 16),
+    ("conv3x3_s2_256_8px", 256, 512, 3, 2, 8),
+    ("conv1x1_s2_64_32px", 64, 128, 1, 2, 32),
+];
+
+fn conv(channels: usize, out: usize, kernel: usize, stride: usize, device: &Device) -> Conv2d {
+    let pad = kernel / 2;
+    Conv2dConfig::new([channels, out], [kernel, kernel])
+        .with_stride([stride, stride])
+        .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+        .with_bias(false)
+        .init(device)
+}
+
+fn input(channels: usize, side: usize, device: &Device) -> Tensor<4> {
+    Tensor::random([BATCH, channels, side, side], Distribution::Default, device)
+}
+
+fn layers(c: &mut Criterion) {
+    let mut group = c.benchmark_group("layer");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .throughput(Throughput::Elements(BATCH as u64));
+    for (backend, device) in backends() {
+        let mut bench = |name: &str, run: &mut dyn FnMut() -> Tensor<4>| {
+            run().into_data(); // compile and autotune outside the timing
+            group.bench_function(BenchmarkId::new(name, backend), |b| {
+                b.iter(|| {
+                    let out = run();
+                    device.sync().expect("sync");
+                    out
+                })
+            });
+        };
+        for (name, channels, out, kernel, stride, side) in CONVS {
+            let layer = conv(channels, out, kernel, stride, &device);
+            let x = input(channels, side, &device);
+            bench(name, &mut || layer.forward(x.clone()));
+        }
+        let x = input(64, 32, &device);
+        let norm = BatchNormConfig::new(64).init(&device);
+        bench("batchnorm_eval_64_32px", &mut || norm.forward(x.clone()));
+        bench("relu_64_32px", &mut || relu(x.clone()));
+
+        let autodiff = device.clone().autodiff();
+        let layer = conv(64, 64, 3, 1, &autodiff);
+        let x = input(64, 32, &autodiff).require_grad();
+        bench("conv3x3_64_32px_forward_backward", &mut || {
+            let out = layer.forward(x.clone());
+            let grads = out.clone().sum().backward();
+            let input_grad = x.grad(&grads).expect("input gradient");
+            let weight_grad = layer.weight.grad(&grads).expect("weight gradient");
+            input_grad + weight_grad.sum().reshape([1, 1, 1, 1])
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, layers);
+criterion_main!(benches);
