@@ -7,10 +7,52 @@
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, PaddingConfig2d};
-use burn::tensor::activation::relu;
+use burn::tensor::activation;
 use burn::tensor::{Device, Tensor};
 
 use crate::config::bottleneck_width;
+
+/// `relu?(bn(conv(x)))`; in inference on flex, through the fused path of [`crate::cpu`].
+pub(crate) fn conv_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, relu: bool) -> Tensor<4> {
+    conv_bn_keep(conv, bn, x, relu).0
+}
+
+/// [`conv_bn`], giving `x` back for the shortcut (without a copy on the fused path).
+pub(crate) fn conv_bn_keep(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    x: Tensor<4>,
+    relu: bool,
+) -> (Tensor<4>, Tensor<4>) {
+    #[cfg(feature = "flex")]
+    let x = match crate::cpu::fused(conv, bn, x, relu, None) {
+        Ok(done) => return done,
+        Err((x, _)) => x,
+    };
+    let out = bn.forward(conv.forward(x.clone()));
+    (if relu { activation::relu(out) } else { out }, x)
+}
+
+/// `relu(bn(conv(x)) + residual)`: the end of a residual block.
+pub(crate) fn conv_bn_add_relu(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    x: Tensor<4>,
+    residual: Tensor<4>,
+) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    let (x, residual) = match crate::cpu::fused(conv, bn, x, true, Some(residual)) {
+        Ok((out, _)) => return out,
+        Err((x, residual)) => (x, residual),
+    };
+    #[cfg(not(feature = "flex"))]
+    let residual = Some(residual);
+    let out = bn.forward(conv.forward(x));
+    activation::relu(match residual {
+        Some(residual) => out + residual,
+        None => out,
+    })
+}
 
 /// A bias-free convolution initialized as torchvision initializes ResNet convolutions:
 /// `kaiming_normal_(mode="fan_out", nonlinearity="relu")`, that is a normal distribution
@@ -112,7 +154,7 @@ impl Downsample {
 
     /// `[batch, in, H, W] -> [batch, out, H / stride, W / stride]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.bn.forward(self.conv.forward(x))
+        conv_bn(&self.conv, &self.bn, x, false)
     }
 }
 
@@ -171,13 +213,12 @@ impl BasicBlock {
 
     /// `[batch, in, H, W] -> [batch, planes, H / stride, W / stride]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let (out, x) = conv_bn_keep(&self.conv1, &self.bn1, x, true);
         let shortcut = match &self.downsample {
-            Some(downsample) => downsample.forward(x.clone()),
-            None => x.clone(),
+            Some(downsample) => downsample.forward(x),
+            None => x,
         };
-        let out = relu(self.bn1.forward(self.conv1.forward(x)));
-        let out = self.bn2.forward(self.conv2.forward(out));
-        relu(out + shortcut)
+        conv_bn_add_relu(&self.conv2, &self.bn2, out, shortcut)
     }
 }
 
@@ -230,14 +271,13 @@ impl Bottleneck {
 
     /// `[batch, in, H, W] -> [batch, 4 * planes, H / stride, W / stride]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let (out, x) = conv_bn_keep(&self.conv1, &self.bn1, x, true);
+        let out = conv_bn(&self.conv2, &self.bn2, out, true);
         let shortcut = match &self.downsample {
-            Some(downsample) => downsample.forward(x.clone()),
-            None => x.clone(),
+            Some(downsample) => downsample.forward(x),
+            None => x,
         };
-        let out = relu(self.bn1.forward(self.conv1.forward(x)));
-        let out = relu(self.bn2.forward(self.conv2.forward(out)));
-        let out = self.bn3.forward(self.conv3.forward(out));
-        relu(out + shortcut)
+        conv_bn_add_relu(&self.conv3, &self.bn3, out, shortcut)
     }
 }
 

@@ -42,6 +42,8 @@
 
 pub mod block;
 pub mod config;
+#[cfg(feature = "flex")]
+mod cpu;
 #[cfg(feature = "pretrained")]
 pub mod pretrained;
 mod pth;

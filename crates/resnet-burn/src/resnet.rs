@@ -4,10 +4,11 @@ use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, Linear, LinearConfig, PaddingConfig2d};
-use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
-use crate::block::{BasicBlock, BlockSpec, Bottleneck, ConvSpec, ResidualBlock, batch_norm};
+use crate::block::{
+    BasicBlock, BlockSpec, Bottleneck, ConvSpec, ResidualBlock, batch_norm, conv_bn,
+};
 use crate::config::{BlockKind, ConfigError, ResNetConfig, Stem};
 
 /// A residual network as torchvision builds it: ResNet, ResNeXt or Wide ResNet.
@@ -172,7 +173,7 @@ impl ResNet {
     /// stage with `replace_stride_with_dilation` keeps the previous stage's size). The CIFAR
     /// stem has strides 1, 2, 4, 8.
     pub fn forward_stages(&self, x: Tensor<4>) -> [Tensor<4>; 4] {
-        let x = relu(self.bn1.forward(self.conv1.forward(x)));
+        let x = conv_bn(&self.conv1, &self.bn1, x, true);
         let x = match &self.maxpool {
             Some(pool) => pool.forward(x),
             None => x,
