@@ -1,7 +1,7 @@
 //! Support code of resnet-burn's examples, benchmarks and integration tests (not
 //! published): the CIFAR-10 training loop ([`train`]) and its data-parallel steps
 //! ([`parallel`]), crash-safe files ([`checkpoint`]), the curves plot ([`plot`]) and the
-//! devices the benchmarks measure ([`bench`]).
+//! devices the benchmarks measure ([`mod@bench`]).
 
 pub mod bench;
 pub mod checkpoint;

@@ -29,6 +29,9 @@ pub(crate) type NotApplicable = (Tensor<4>, Option<Tensor<4>>);
 ///
 /// Giving `x` back lets a block keep its input for the shortcut without a copy: a tensor
 /// held twice would have to be copied to be read here.
+// The error carries the caller's tensors back (handles, moved not copied): boxing them would
+// only add an allocation to every declined call.
+#[allow(clippy::result_large_err)]
 pub(crate) fn fused(
     conv: &Conv2d,
     bn: &BatchNorm,
