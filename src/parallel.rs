@@ -106,14 +106,11 @@ impl DataParallel {
             );
         }
         if self.workers.is_empty() {
-            let shard = shard_step(model, batch, &self.main, &self.loss_fn, None);
-            return Ok(StepOutput {
-                grads: shard.grads,
-                loss: shard.loss,
-                correct: shard.correct,
-            });
+            return Ok(shard_step(model, batch, &self.main, &self.loss_fn, None));
         }
-        let mut shards = batch.split(self.num_devices()).into_iter();
+        let shards = batch.split(self.num_devices());
+        let sizes: Vec<usize> = shards.iter().map(HostBatch::len).collect();
+        let mut shards = shards.into_iter();
         let main_batch = shards.next().expect("one shard a device");
         for (worker, shard) in self.workers.iter().zip(shards) {
             let weight = shard.len() as f32 / total as f32;
@@ -126,22 +123,23 @@ impl DataParallel {
                 })
                 .map_err(|_| worker.gone())?;
         }
-        let weight = main_batch.len() as f32 / total as f32;
-        let main_size = main_batch.len();
+        let weight = sizes[0] as f32 / total as f32;
         let main = shard_step(model, main_batch, &self.main, &self.loss_fn, Some(weight));
 
         let mut accumulator = GradientsAccumulator::new();
-        accumulator.accumulate(model, main.grads);
-        let mut loss = main.loss as f64 * main_size as f64;
-        let mut correct = main.correct;
-        for worker in &self.workers {
-            let shard = worker
+        let mut loss = 0.0;
+        let mut correct = 0;
+        let others = self.workers.iter().map(|worker| {
+            worker
                 .results
                 .recv()
                 .map_err(|_| worker.gone())?
-                .map_err(|message| anyhow!("device {:?} failed: {message}", worker.device))?;
+                .map_err(|message| anyhow!("device {:?} failed: {message}", worker.device))
+        });
+        for (shard, size) in std::iter::once(Ok(main)).chain(others).zip(&sizes) {
+            let shard = shard?;
             accumulator.accumulate(model, shard.grads);
-            loss += shard.loss as f64 * shard.size as f64;
+            loss += shard.loss as f64 * *size as f64;
             correct += shard.correct;
         }
         Ok(StepOutput {
@@ -218,17 +216,10 @@ struct Job {
     weight: f32,
 }
 
-struct Shard {
-    grads: GradientsParams,
-    loss: f32,
-    correct: usize,
-    size: usize,
-}
-
 struct Worker {
     device: Device,
     jobs: Sender<Job>,
-    results: Receiver<std::result::Result<Shard, String>>,
+    results: Receiver<std::result::Result<StepOutput, String>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -244,7 +235,6 @@ impl Worker {
                 for job in job_receiver {
                     let result = catch_unwind(AssertUnwindSafe(|| {
                         let replica = job.model.fork(&worker_device);
-                        let size = job.batch.len();
                         let shard = shard_step(
                             &replica,
                             job.batch,
@@ -252,11 +242,9 @@ impl Worker {
                             &loss_fn,
                             Some(job.weight),
                         );
-                        Shard {
+                        StepOutput {
                             grads: shard.grads.to_device(&main, &replica),
-                            loss: shard.loss,
-                            correct: shard.correct,
-                            size,
+                            ..shard
                         }
                     }))
                     .map_err(panic_message);
@@ -286,12 +274,6 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
-struct ShardStep {
-    grads: GradientsParams,
-    loss: f32,
-    correct: usize,
-}
-
 /// Forward and backward over one shard; the loss is multiplied by `weight` (the shard's
 /// share of the batch) before the backward pass, when given.
 fn shard_step(
@@ -300,7 +282,7 @@ fn shard_step(
     device: &Device,
     loss_fn: &CrossEntropyLoss,
     weight: Option<f32>,
-) -> ShardStep {
+) -> StepOutput {
     let Cifar10Batch { images, targets } = batch.to_device(device);
     let logits = model.forward(images);
     let loss = loss_fn.forward(logits.clone(), targets.clone());
@@ -309,7 +291,7 @@ fn shard_step(
         Some(weight) => loss.mul_scalar(weight),
         None => loss,
     };
-    ShardStep {
+    StepOutput {
         grads: GradientsParams::from_grads(loss.backward(), model),
         loss: loss_value,
         correct,

@@ -269,8 +269,6 @@ pub fn train(
     let Some(device) = devices.first() else {
         bail!("no device to train on");
     };
-    let autodiff_devices: Vec<Device> = devices.iter().map(|d| d.clone().autodiff()).collect();
-    let replicas = DataParallel::new(&autodiff_devices, options.label_smoothing)?;
     if options.batch_size < devices.len() {
         bail!(
             "--batch-size {} is smaller than the number of devices ({}); each device needs \
@@ -279,10 +277,12 @@ pub fn train(
             devices.len()
         );
     }
+    let autodiff_devices: Vec<Device> = devices.iter().map(|d| d.clone().autodiff()).collect();
+    let replicas = DataParallel::new(&autodiff_devices, options.label_smoothing)?;
     std::fs::create_dir_all(artifact_dir)
         .with_context(|| format!("creating the artifact folder {}", artifact_dir.display()))?;
     let checkpoint_path = artifact_dir.join("checkpoint.bin");
-    let autodiff = autodiff_devices[0].clone();
+    let autodiff = replicas.main_device().clone();
     device.seed(options.seed);
     let mut model = config.init(&autodiff);
     initialize(&model);

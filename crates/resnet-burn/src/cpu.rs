@@ -55,18 +55,14 @@ pub(crate) fn fused(
     let input = x.into_data();
     let weight = conv.weight.val().into_data();
     let residual = residual.map(Tensor::into_data);
-    let residual_values = residual.as_ref().map(|r| r.as_slice::<f32>());
+    let residual_values = residual.as_ref().map(|r| r.as_slice::<f32>()).transpose();
     match (
         input.as_slice::<f32>(),
         weight.as_slice::<f32>(),
         residual_values,
     ) {
-        (Ok(values), Ok(weight), None) => {
-            let out = im2col.run(values, weight, &affine, None);
-            Ok(im2col.finish(out, input, &device))
-        }
-        (Ok(values), Ok(weight), Some(Ok(residual))) => {
-            let out = im2col.run(values, weight, &affine, Some(residual));
+        (Ok(values), Ok(weight), Ok(residual)) => {
+            let out = im2col.run(values, weight, &affine, residual);
             Ok(im2col.finish(out, input, &device))
         }
         // Unreachable after the dtype checks above; Burn's path stays correct.
@@ -78,8 +74,8 @@ pub(crate) fn fused(
 }
 
 /// BatchNorm in evaluation as a per-channel `x * scale + shift`, then ReLU if `relu`.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) struct Affine {
+#[derive(Debug)]
+struct Affine {
     scale: Vec<f32>,
     shift: Vec<f32>,
     relu: bool,
@@ -143,8 +139,8 @@ impl Affine {
 }
 
 /// The geometry of one convolution computed as im2col + gemm.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Im2col {
+#[derive(Clone, Copy, Debug)]
+struct Im2col {
     batch: usize,
     channels: usize,
     height: usize,
@@ -192,7 +188,7 @@ impl Im2col {
     }
 
     /// The geometry of a convolution of an NCHW input by an OIHW weight, if consistent.
-    pub(crate) fn new(
+    fn new(
         input: [usize; 4],
         weight: [usize; 4],
         stride: [usize; 2],
@@ -221,13 +217,18 @@ impl Im2col {
     }
 
     /// `[batch, out_channels, out_height, out_width]`.
-    pub(crate) fn out_shape(&self) -> [usize; 4] {
+    fn out_shape(&self) -> [usize; 4] {
         [
             self.batch,
             self.out_channels,
             self.out_height,
             self.out_width,
         ]
+    }
+
+    /// Output pixels of an image, the columns of its im2col matrix.
+    fn pixels(&self) -> usize {
+        self.out_height * self.out_width
     }
 
     /// Rows of the im2col matrix (`in_channels * kh * kw`).
@@ -250,7 +251,7 @@ impl Im2col {
 
     /// The convolution of `input` (NCHW) by `weight` (OIHW), NCHW, followed by `affine` and
     /// the `residual` (NCHW, the output's shape).
-    pub(crate) fn run(
+    fn run(
         &self,
         input: &[f32],
         weight: &[f32],
@@ -258,8 +259,8 @@ impl Im2col {
         residual: Option<&[f32]>,
     ) -> Vec<f32> {
         let image = self.channels * self.height * self.width;
-        let out_image = self.out_channels * self.out_height * self.out_width;
-        let pixels = self.out_height * self.out_width;
+        let pixels = self.pixels();
+        let out_image = self.out_channels * pixels;
         assert_eq!(input.len(), self.batch * image, "input of {self:?}");
         assert_eq!(weight.len(), self.out_channels * self.depth(), "weight");
         if let Some(residual) = residual {
@@ -275,7 +276,7 @@ impl Im2col {
         let columns = if self.pointwise() {
             0
         } else {
-            self.depth() * self.out_height * self.out_width
+            self.depth() * pixels
         };
         if self.batch >= rayon::current_num_threads() {
             // Images in parallel, one single-threaded product each.
@@ -313,7 +314,7 @@ impl Im2col {
         out: &mut [f32],
         parallelism: gemm::Parallelism,
     ) {
-        let pixels = self.out_height * self.out_width;
+        let pixels = self.pixels();
         let depth = self.depth();
         let rhs: &[f32] = if self.pointwise() {
             x
@@ -358,8 +359,7 @@ impl Im2col {
         let [sy, sx] = self.stride;
         let [py, px] = self.padding;
         let (w, ow) = (self.width, self.out_width);
-        let pixels = self.out_height * ow;
-        for (r, row) in col.chunks_exact_mut(pixels).enumerate() {
+        for (r, row) in col.chunks_exact_mut(self.pixels()).enumerate() {
             let (c, i, j) = (r / (kh * kw), r / kw % kh, r % kw);
             let plane = &x[c * self.height * w..(c + 1) * self.height * w];
             // Output columns whose input column `ox * sx + j - px` is inside the image.
