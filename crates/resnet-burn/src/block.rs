@@ -29,8 +29,16 @@ pub(crate) fn conv_bn_keep(
         Ok(done) => return done,
         Err((x, _)) => x,
     };
-    let out = bn.forward(conv.forward(x.clone()));
+    let out = bn.forward(conv_forward(conv, x.clone()));
     (if relu { activation::relu(out) } else { out }, x)
+}
+
+/// `conv(x)`; on flex through [`crate::cpu::conv`].
+fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    return crate::cpu::conv(conv, x);
+    #[cfg(not(feature = "flex"))]
+    conv.forward(x)
 }
 
 /// `relu(bn(conv(x)) + residual)`: the end of a residual block.
@@ -47,7 +55,7 @@ pub(crate) fn conv_bn_add_relu(
     };
     #[cfg(not(feature = "flex"))]
     let residual = Some(residual);
-    let out = bn.forward(conv.forward(x));
+    let out = bn.forward(conv_forward(conv, x));
     activation::relu(match residual {
         Some(residual) => out + residual,
         None => out,

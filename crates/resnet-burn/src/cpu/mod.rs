@@ -1,0 +1,338 @@
+//! Convolutions on the flex CPU backend through one matrix product an image ([`im2col`]).
+//!
+//! Burn's flex convolution converts its input to channels-last and builds its im2col
+//! matrix tile by tile; on ResNet's early layers (64 channels at 32x32, batch 64) that runs at
+//! half PyTorch's speed (`python3 benches/compare.py --bench layers`). Its backward is Burn's
+//! generic one (a transposed convolution for the input, a convolution for the weight).
+//! Here each image's im2col matrix (`[in_channels * k * k, out_h * out_w]`, built from NCHW
+//! rows with plain copies) is multiplied by the weight matrix (`[out_channels,
+//! in_channels * k * k]`, the weight tensor as it is) with the `gemm` crate that flex uses
+//! too, images in parallel; the backward is the two transposed products and col2im.
+//!
+//! - In inference ([`fused`]), BatchNorm (running statistics), the residual and ReLU are
+//!   applied to each output channel while the output is in cache.
+//! - In training ([`conv`]), the convolution is a backend extension ([`conv::Im2colConv`])
+//!   with its own backward step; BatchNorm and ReLU stay Burn's.
+//!
+//! It applies to ungrouped, undilated, bias-free f32 convolutions on `Device::flex()` (with
+//! or without autodiff); everything else (other backends, ResNeXt's grouped and dilated
+//! convolutions) goes through Burn's `Conv2d` and `BatchNorm`.
+
+mod conv;
+mod im2col;
+
+use burn::backend::Dispatch;
+use burn::nn::BatchNorm;
+use burn::nn::conv::Conv2d;
+use burn::tensor::{DType, Device, Tensor, TensorData};
+
+use conv::Im2colConv;
+use im2col::Im2col;
+
+/// The im2col geometry of `conv` on `x`, if the computation applies: f32 on flex.
+fn applies(conv: &Conv2d, x: &Tensor<4>) -> Option<Im2col> {
+    // An autodiff device compares equal to the device it wraps: this admits both.
+    let on_flex = x.device() == Device::flex();
+    (on_flex && x.dtype() == DType::F32 && conv.weight.dtype() == DType::F32)
+        .then(|| Im2col::for_conv(conv, x.dims()))
+        .flatten()
+}
+
+/// `conv(x)`, through im2col + gemm where it applies (in training too), else Burn's.
+pub(crate) fn conv(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    match applies(conv, &x) {
+        Some(geometry) => Tensor::from_dispatch(<Dispatch as Im2colConv>::im2col_conv2d(
+            x.into_dispatch(),
+            conv.weight.val().into_dispatch(),
+            geometry.stride(),
+            geometry.padding(),
+        )),
+        None => conv.forward(x),
+    }
+}
+
+/// Inputs given back when the fast path does not apply: the convolution's input and the
+/// residual.
+pub(crate) type NotApplicable = (Tensor<4>, Option<Tensor<4>>);
+
+/// `relu?(bn(conv(x)) [+ residual])` (ReLU always after a residual), with `x` given back
+/// unchanged, through [`Im2col`] where it applies; otherwise the inputs come back.
+///
+/// Giving `x` back lets a block keep its input for the shortcut without a copy: a tensor
+/// held twice would have to be copied to be read here.
+// The error carries the caller's tensors back (handles, moved not copied): boxing them would
+// only add an allocation to every declined call.
+#[allow(clippy::result_large_err)]
+pub(crate) fn fused(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    x: Tensor<4>,
+    relu: bool,
+    residual: Option<Tensor<4>>,
+) -> Result<(Tensor<4>, Tensor<4>), NotApplicable> {
+    let inference = !x.device().is_autodiff();
+    let Some(im2col) = applies(conv, &x).filter(|_| inference) else {
+        return Err((x, residual));
+    };
+    let Some(affine) = Affine::of(bn, im2col.out_channels(), relu || residual.is_some()) else {
+        return Err((x, residual));
+    };
+    let residual_ok = residual
+        .as_ref()
+        .is_none_or(|r| r.dims() == im2col.out_shape() && r.dtype() == DType::F32);
+    if !residual_ok {
+        return Err((x, residual));
+    }
+    let device = x.device();
+    let input = x.into_data();
+    let weight = conv.weight.val().into_data();
+    let residual = residual.map(Tensor::into_data);
+    let residual_values = residual.as_ref().map(|r| r.as_slice::<f32>()).transpose();
+    match (
+        input.as_slice::<f32>(),
+        weight.as_slice::<f32>(),
+        residual_values,
+    ) {
+        (Ok(values), Ok(weight), Ok(residual)) => {
+            let pixels = im2col.pixels();
+            let out_image = im2col.out_channels() * pixels;
+            let out = im2col.forward(values, weight, |i, out| {
+                let residual = residual.map(|r| &r[i * out_image..(i + 1) * out_image]);
+                affine.apply(out, residual, pixels);
+            });
+            Ok((
+                Tensor::from_data(TensorData::new(out, im2col.out_shape()), &device),
+                Tensor::from_data(input, &device),
+            ))
+        }
+        // Unreachable after the dtype checks above; Burn's path stays correct.
+        _ => Err((
+            Tensor::from_data(input, &device),
+            residual.map(|r| Tensor::from_data(r, &device)),
+        )),
+    }
+}
+
+/// BatchNorm in evaluation as a per-channel `x * scale + shift`, then ReLU if `relu`.
+#[derive(Debug)]
+struct Affine {
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+    relu: bool,
+}
+
+impl Affine {
+    /// `scale = gamma / sqrt(running_var + eps)`, `shift = beta - running_mean * scale`.
+    fn of(bn: &BatchNorm, channels: usize, relu: bool) -> Option<Self> {
+        let host = |t: Tensor<1>| {
+            t.into_data()
+                .try_into_vec_as::<f32>()
+                .ok()
+                .filter(|v| v.len() == channels)
+        };
+        let gamma = host(bn.gamma.val())?;
+        let beta = host(bn.beta.val())?;
+        let mean = host(bn.running_mean.value())?;
+        let var = host(bn.running_var.value())?;
+        let scale: Vec<f32> = gamma
+            .iter()
+            .zip(&var)
+            .map(|(g, v)| g / (v + bn.epsilon as f32).sqrt())
+            .collect();
+        let shift = beta
+            .iter()
+            .zip(&mean)
+            .zip(&scale)
+            .map(|((b, m), s)| b - m * s)
+            .collect();
+        Some(Self { scale, shift, relu })
+    }
+
+    /// Applies the affine map, the residual and ReLU to one image's `[channels, pixels]`
+    /// output.
+    fn apply(&self, out: &mut [f32], residual: Option<&[f32]>, pixels: usize) {
+        let rows = out
+            .chunks_exact_mut(pixels)
+            .zip(&self.scale)
+            .zip(&self.shift);
+        match residual {
+            Some(residual) => {
+                for (((row, &scale), &shift), res) in rows.zip(residual.chunks_exact(pixels)) {
+                    for (v, r) in row.iter_mut().zip(res) {
+                        *v = (*v * scale + shift + r).max(0.0);
+                    }
+                }
+            }
+            None if self.relu => {
+                for ((row, &scale), &shift) in rows {
+                    row.iter_mut()
+                        .for_each(|v| *v = (*v * scale + shift).max(0.0));
+                }
+            }
+            None => {
+                for ((row, &scale), &shift) in rows {
+                    row.iter_mut().for_each(|v| *v = *v * scale + shift);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::{Param, RunningState};
+    use burn::nn::BatchNormConfig;
+    use burn::nn::PaddingConfig2d;
+    use burn::nn::conv::Conv2dConfig;
+    use burn::tensor::Distribution;
+    use burn::tensor::activation::relu;
+
+    /// A BatchNorm with random statistics and affine parameters.
+    fn batch_norm(channels: usize, device: &Device) -> BatchNorm {
+        let random = |low: f64, high: f64| {
+            Tensor::<1>::random([channels], Distribution::Uniform(low, high), device)
+        };
+        let mut bn = BatchNormConfig::new(channels).init(device);
+        bn.gamma = Param::from_tensor(random(0.5, 1.5));
+        bn.beta = Param::from_tensor(random(-0.5, 0.5));
+        bn.running_mean = RunningState::new(random(-0.5, 0.5));
+        bn.running_var = RunningState::new(random(0.5, 2.0));
+        bn
+    }
+
+    /// Every geometry ResNet uses: batch, in, out, kernel, stride, padding, side.
+    const CASES: [(usize, usize, usize, usize, usize, usize, usize); 8] = [
+        (4, 8, 16, 3, 1, 1, 9),  // ResNet's 3x3
+        (4, 8, 16, 3, 2, 1, 9),  // stride 2, odd side
+        (3, 8, 16, 3, 2, 1, 8),  // stride 2, even side
+        (2, 3, 8, 7, 2, 3, 21),  // ImageNet stem
+        (1, 3, 8, 3, 1, 1, 6),   // CIFAR stem, a single image
+        (5, 16, 8, 1, 1, 0, 5),  // pointwise, images shared unevenly between threads
+        (5, 16, 32, 1, 2, 0, 7), // downsampling
+        (2, 4, 4, 3, 1, 0, 3),   // no padding, one output pixel
+    ];
+
+    /// A convolution with random weights for `case`, and a random input for it.
+    fn convolution(
+        (batch, channels, out, kernel, stride, padding, side): (
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+        ),
+        device: &Device,
+    ) -> (Conv2d, Tensor<4>) {
+        let conv = Conv2dConfig::new([channels, out], [kernel, kernel])
+            .with_stride([stride, stride])
+            .with_padding(PaddingConfig2d::Explicit(
+                padding, padding, padding, padding,
+            ))
+            .with_bias(false)
+            .init(device);
+        let x = Tensor::<4>::random(
+            [batch, channels, side, side],
+            Distribution::Normal(0.0, 1.0),
+            device,
+        );
+        (conv, x)
+    }
+
+    /// The largest difference between two tensors, relative to the largest magnitude of
+    /// the second.
+    fn relative_difference<const D: usize>(got: Tensor<D>, expected: Tensor<D>) -> f32 {
+        let scale: f32 = expected.clone().abs().max().into_scalar();
+        let difference: f32 = (got - expected).abs().max().into_scalar();
+        difference / scale.max(f32::MIN_POSITIVE)
+    }
+
+    /// In training, the output and both gradients against Burn's convolution and its
+    /// autodiff backward, for every geometry.
+    #[test]
+    fn training_matches_burns_convolution_and_gradients() {
+        let device = Device::flex().autodiff();
+        for case @ (_, _, _, kernel, stride, padding, _) in CASES {
+            let what = format!("{kernel}x{kernel} stride {stride} padding {padding} {case:?}");
+            let (reference, x) = convolution(case, &device);
+            assert!(applies(&reference, &x).is_some(), "{what}");
+            let ours = reference.clone();
+            let x_ours = x.clone().detach().require_grad();
+            let x_reference = x.detach().require_grad();
+            let out_ours = conv(&ours, x_ours.clone());
+            let out_reference = reference.forward(x_reference.clone());
+            // A loss whose gradient differs at every output position.
+            let weights = Tensor::<4>::random(out_reference.dims(), Distribution::Default, &device);
+            let grads_ours = (out_ours.clone() * weights.clone()).sum().backward();
+            let grads_reference = (out_reference.clone() * weights).sum().backward();
+
+            let difference = relative_difference(out_ours, out_reference);
+            assert!(difference < 1e-5, "{what}: output {difference}");
+            let x_grad = |x: &Tensor<4>, grads| x.grad(grads).expect("the input's gradient");
+            let difference = relative_difference(
+                x_grad(&x_ours, &grads_ours),
+                x_grad(&x_reference, &grads_reference),
+            );
+            assert!(difference < 1e-5, "{what}: input gradient {difference}");
+            let weight_grad =
+                |conv: &Conv2d, grads| conv.weight.grad(grads).expect("the weight's gradient");
+            let difference = relative_difference(
+                weight_grad(&ours, &grads_ours),
+                weight_grad(&reference, &grads_reference),
+            );
+            assert!(difference < 1e-5, "{what}: weight gradient {difference}");
+        }
+    }
+
+    /// The fast path against Burn's convolution and BatchNorm, for every geometry ResNet
+    /// uses, with and without ReLU.
+    #[test]
+    fn matches_burns_convolution_and_batch_norm() {
+        let device = Device::flex();
+        for case @ (_, _, out, kernel, stride, padding, _) in CASES {
+            let (conv, x) = convolution(case, &device);
+            let bn = batch_norm(out, &device);
+            assert!(applies(&conv, &x).is_some());
+            let reference = bn.forward(conv.forward(x.clone()));
+            let residual = Tensor::<4>::random(reference.dims(), Distribution::Default, &device);
+            let expected = [
+                reference.clone(),
+                relu(reference.clone()),
+                relu(reference + residual.clone()),
+            ];
+            let inputs = [(false, None), (true, None), (false, Some(residual))];
+            for (expected, (relu, residual)) in expected.into_iter().zip(inputs) {
+                let what = format!(
+                    "{kernel}x{kernel} stride {stride} padding {padding} relu {relu} residual {}",
+                    residual.is_some()
+                );
+                let Ok((got, input)) = fused(&conv, &bn, x.clone(), relu, residual) else {
+                    panic!("{what}: the fast path does not apply");
+                };
+                assert_eq!(got.dims(), expected.dims());
+                let difference: f32 = (got - expected).abs().max().into_scalar();
+                assert!(difference < 1e-4, "{what}: {difference}");
+                let unchanged: f32 = (input - x.clone()).abs().max().into_scalar();
+                assert_eq!(unchanged, 0.0, "{what}: the input came back changed");
+            }
+        }
+    }
+
+    #[test]
+    fn other_convolutions_keep_burns_path() {
+        let device = Device::flex();
+        let x = Tensor::<4>::zeros([1, 4, 8, 8], &device);
+        let grouped = Conv2dConfig::new([4, 4], [3, 3])
+            .with_groups(2)
+            .init(&device);
+        let dilated = Conv2dConfig::new([4, 4], [3, 3])
+            .with_dilation([2, 2])
+            .init(&device);
+        let biased = Conv2dConfig::new([4, 4], [3, 3]).init(&device);
+        for conv in [grouped, dilated, biased] {
+            assert!(applies(&conv, &x).is_none());
+        }
+    }
+}
