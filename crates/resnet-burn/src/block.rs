@@ -12,25 +12,14 @@ use burn::tensor::{Device, Tensor};
 
 use crate::config::bottleneck_width;
 
-/// `relu?(bn(conv(x)))`; in inference on flex, through the fused path of [`crate::cpu`].
+/// `relu?(bn(conv(x)))`; on flex through [`crate::cpu`].
 pub(crate) fn conv_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, relu: bool) -> Tensor<4> {
-    conv_bn_keep(conv, bn, x, relu).0
-}
-
-/// [`conv_bn`], giving `x` back for the shortcut (without a copy on the fused path).
-pub(crate) fn conv_bn_keep(
-    conv: &Conv2d,
-    bn: &BatchNorm,
-    x: Tensor<4>,
-    relu: bool,
-) -> (Tensor<4>, Tensor<4>) {
     #[cfg(feature = "flex")]
-    let x = match crate::cpu::fused(conv, bn, x, relu, None) {
-        Ok(done) => return done,
-        Err((x, _)) => x,
-    };
-    let out = bn.forward(conv_forward(conv, x.clone()));
-    (if relu { activation::relu(out) } else { out }, x)
+    if let Some(out) = crate::cpu::fused(conv, bn, &x, relu, None) {
+        return out;
+    }
+    let out = bn.forward(conv_forward(conv, x));
+    if relu { activation::relu(out) } else { out }
 }
 
 /// `conv(x)`; on flex through [`crate::cpu::conv`].
@@ -49,17 +38,10 @@ pub(crate) fn conv_bn_add_relu(
     residual: Tensor<4>,
 ) -> Tensor<4> {
     #[cfg(feature = "flex")]
-    let (x, residual) = match crate::cpu::fused(conv, bn, x, true, Some(residual)) {
-        Ok((out, _)) => return out,
-        Err((x, residual)) => (x, residual),
-    };
-    #[cfg(not(feature = "flex"))]
-    let residual = Some(residual);
-    let out = bn.forward(conv_forward(conv, x));
-    activation::relu(match residual {
-        Some(residual) => out + residual,
-        None => out,
-    })
+    if let Some(out) = crate::cpu::fused(conv, bn, &x, true, Some(&residual)) {
+        return out;
+    }
+    activation::relu(bn.forward(conv_forward(conv, x)) + residual)
 }
 
 /// A bias-free convolution initialized as torchvision initializes ResNet convolutions:
@@ -221,7 +203,7 @@ impl BasicBlock {
 
     /// `[batch, in, H, W] -> [batch, planes, H / stride, W / stride]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let (out, x) = conv_bn_keep(&self.conv1, &self.bn1, x, true);
+        let out = conv_bn(&self.conv1, &self.bn1, x.clone(), true);
         let shortcut = match &self.downsample {
             Some(downsample) => downsample.forward(x),
             None => x,
@@ -279,7 +261,7 @@ impl Bottleneck {
 
     /// `[batch, in, H, W] -> [batch, 4 * planes, H / stride, W / stride]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let (out, x) = conv_bn_keep(&self.conv1, &self.bn1, x, true);
+        let out = conv_bn(&self.conv1, &self.bn1, x.clone(), true);
         let out = conv_bn(&self.conv2, &self.bn2, out, true);
         let shortcut = match &self.downsample {
             Some(downsample) => downsample.forward(x),

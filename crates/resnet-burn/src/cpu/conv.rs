@@ -1,7 +1,12 @@
-//! The im2col convolution as a Burn backend extension, so that it runs in training too: on
-//! `Flex` it is [`Im2col::forward`], and on `Autodiff<Flex>` it records a backward step that
-//! computes both gradients with [`Im2col::backward`] instead of Burn's generic
-//! transposed-convolution backward.
+//! The im2col convolution as Burn backend extensions, which reach flex's tensors without
+//! copying them:
+//!
+//! - [`Im2colConv`], the convolution alone: on `Flex` it is [`Im2col::forward`], and on
+//!   `Autodiff<Flex>` it records a backward step that computes both gradients with
+//!   [`Im2col::backward`] instead of Burn's generic transposed-convolution backward;
+//! - [`Im2colConvAffine`], inference only: the convolution followed by an [`Affine`] map
+//!   (BatchNorm with running statistics), the residual and ReLU, applied to each image's
+//!   output right after its product.
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -13,6 +18,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Flex, TensorMetadata, backend_extension};
 use burn::tensor::TensorData;
 
+use super::Affine;
 use super::im2col::Im2col;
 
 /// A bias-free, ungrouped, undilated 2-d convolution with symmetric padding.
@@ -26,6 +32,28 @@ pub trait Im2colConv: Backend {
         weight: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [usize; 2],
+    ) -> FloatTensor<Self>;
+}
+
+/// `relu?(affine(conv(x)))`, and `relu(affine(conv(x)) + residual)` (the residual has the
+/// output's shape); [`Im2colConv`]'s geometry rules apply.
+#[backend_extension(Flex)]
+pub trait Im2colConvAffine: Backend {
+    fn im2col_conv2d_affine(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+        affine: Affine,
+    ) -> FloatTensor<Self>;
+
+    fn im2col_conv2d_affine_residual(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+        affine: Affine,
     ) -> FloatTensor<Self>;
 }
 
@@ -72,6 +100,51 @@ impl Im2colConv for Flex {
         let out = geometry.forward(values(&x), values(&weight), |_, _| {});
         tensor(out, geometry.out_shape())
     }
+}
+
+impl Im2colConvAffine for Flex {
+    fn im2col_conv2d_affine(
+        x: FlexTensor,
+        weight: FlexTensor,
+        stride: [usize; 2],
+        padding: [usize; 2],
+        affine: Affine,
+    ) -> FlexTensor {
+        conv_affine(x, weight, None, stride, padding, &affine)
+    }
+
+    fn im2col_conv2d_affine_residual(
+        x: FlexTensor,
+        weight: FlexTensor,
+        residual: FlexTensor,
+        stride: [usize; 2],
+        padding: [usize; 2],
+        affine: Affine,
+    ) -> FlexTensor {
+        conv_affine(x, weight, Some(residual), stride, padding, &affine)
+    }
+}
+
+/// [`Im2colConvAffine`] on flex's tensors.
+fn conv_affine(
+    x: FlexTensor,
+    weight: FlexTensor,
+    residual: Option<FlexTensor>,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    affine: &Affine,
+) -> FlexTensor {
+    let geometry = geometry(&x, &weight, stride, padding);
+    let (x, weight) = (contiguous(x), contiguous(weight));
+    let residual = residual.map(contiguous);
+    let residual = residual.as_ref().map(values);
+    let pixels = geometry.pixels();
+    let out_image = geometry.out_channels() * pixels;
+    let out = geometry.forward(values(&x), values(&weight), |i, out| {
+        let residual = residual.map(|r| &r[i * out_image..(i + 1) * out_image]);
+        affine.apply(out, residual, pixels);
+    });
+    tensor(out, geometry.out_shape())
 }
 
 /// What the backward step keeps of the forward: both operands (shared, not copied).

@@ -9,6 +9,8 @@
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
+use std::marker::PhantomData;
+use std::mem::MaybeUninit;
 
 /// The geometry of one convolution computed as im2col + gemm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,35 +164,46 @@ impl Im2col {
         let (image, out_image) = (self.image_len(), self.out_image_len());
         assert_eq!(input.len(), self.batch * image, "input of {self:?}");
         assert_eq!(weight.len(), self.out_channels * self.depth(), "weight");
-        let mut out = vec![0f32; self.batch * out_image];
-        let (per_group, parallelism) = self.groups();
-        out.par_chunks_mut(per_group * out_image)
-            .zip(input.par_chunks(per_group * image))
-            .enumerate()
-            .for_each(|(group, (out, input))| {
-                let mut col = self.column_buffer();
-                for (k, (out, x)) in out
-                    .chunks_exact_mut(out_image)
-                    .zip(input.chunks_exact(image))
-                    .enumerate()
-                {
-                    let rhs = self.columns(x, &mut col);
-                    // out = weight x im2col(x)
-                    // SAFETY: `out` is `out_channels x pixels`, `weight` is
-                    // `out_channels x depth` and `rhs` is `depth x pixels`, all row-major
-                    // and contiguous (lengths checked here and in `columns`).
-                    unsafe {
-                        self.product(
-                            Matrix::rows(out, self.pixels()),
-                            Matrix::rows(weight, self.depth()),
-                            Matrix::rows(rhs, self.pixels()),
-                            false,
-                            parallelism,
-                        );
-                    }
-                    epilogue(group * per_group + k, out);
-                }
-            });
+        let len = self.batch * out_image;
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        let (_, parallelism) = self.groups();
+        // out = weight x im2col(x), then the epilogue, for image `i`.
+        let image_product =
+            |col: &mut Vec<f32>, (i, (out, x)): (usize, (&mut [MaybeUninit<f32>], &[f32]))| {
+                let rhs = self.columns(x, col);
+                // SAFETY: `out` is `out_channels x pixels`, `weight` is `out_channels x depth`
+                // and `rhs` is `depth x pixels`, all row-major and contiguous (lengths checked
+                // here and in `columns`); the product writes every entry of `out`.
+                let out = unsafe {
+                    self.product(
+                        Dst::uninit(out, self.pixels()),
+                        Matrix::rows(weight, self.depth()),
+                        Matrix::rows(rhs, self.pixels()),
+                        false,
+                        parallelism,
+                    );
+                    &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32])
+                };
+                epilogue(i, out);
+            };
+        let spare = &mut out.spare_capacity_mut()[..len];
+        if matches!(parallelism, gemm::Parallelism::None) {
+            // Images are independent here: threads take them as they come.
+            spare
+                .par_chunks_mut(out_image)
+                .zip(input.par_chunks(image))
+                .enumerate()
+                .for_each_init(|| self.column_buffer(), image_product);
+        } else {
+            // Fewer images than threads: each product is parallel.
+            let mut col = self.column_buffer();
+            let images = spare.chunks_mut(out_image).zip(input.chunks(image));
+            images
+                .enumerate()
+                .for_each(|item| image_product(&mut col, item));
+        }
+        // SAFETY: the products above wrote all `len` values, image by image.
+        unsafe { out.set_len(len) };
         out
     }
 
@@ -259,7 +272,7 @@ impl Im2col {
                 // row-major, read transposed (lengths checked above and in `columns`).
                 unsafe {
                     self.product(
-                        Matrix::rows(weight_grad, depth),
+                        Dst::rows(weight_grad, depth),
                         Matrix::rows(g, pixels),
                         Matrix::columns(columns, pixels),
                         true,
@@ -280,7 +293,7 @@ impl Im2col {
                 // transposed, `g` is `out_channels x pixels` row-major.
                 unsafe {
                     self.product(
-                        Matrix::rows(dst, pixels),
+                        Dst::rows(dst, pixels),
                         Matrix::columns(weight, depth),
                         Matrix::rows(g, pixels),
                         false,
@@ -316,13 +329,13 @@ impl Im2col {
     /// shapes agree.
     ///
     /// # Safety
-    /// Each matrix's strides must address only its slice: row-major `Matrix::rows` of a
-    /// slice whose length is a multiple of its row length, or `Matrix::columns` likewise.
+    /// With `accumulate`, `dst` must be initialized (it always is when made by
+    /// [`Dst::rows`]).
     unsafe fn product(
         &self,
-        dst: Matrix<&mut [f32]>,
-        lhs: Matrix<&[f32]>,
-        rhs: Matrix<&[f32]>,
+        dst: Dst<'_>,
+        lhs: Matrix<'_>,
+        rhs: Matrix<'_>,
         accumulate: bool,
         parallelism: gemm::Parallelism,
     ) {
@@ -335,16 +348,17 @@ impl Im2col {
             rhs.rows,
             rhs.cols
         );
-        // SAFETY: by the shapes checked above and the caller's contract, every index the
-        // product touches is inside its slice.
+        // SAFETY: each view addresses only its slice (see `Matrix` and `Dst`) and the shapes
+        // agree, so every index the product touches is in bounds; gemm reads `dst` only with
+        // `accumulate`, when the caller guarantees it is initialized.
         unsafe {
             gemm::gemm(
                 m,
                 n,
                 k,
-                dst.data.as_mut_ptr(),
-                dst.col_stride,
-                dst.row_stride,
+                dst.ptr,
+                1,
+                dst.cols as isize,
                 accumulate,
                 lhs.data.as_ptr(),
                 lhs.col_stride,
@@ -395,9 +409,17 @@ impl Im2col {
             let (plane, first, end) = self.row_span(r);
             let plane = &mut x[plane];
             for (oy, src) in row.chunks_exact(self.out_width).enumerate() {
-                if let Some((start, sx)) = self.source(r, oy, first, end) {
-                    let dst = &mut plane[start..];
-                    for (d, s) in dst.iter_mut().step_by(sx).zip(&src[first..end]) {
+                let Some((start, sx)) = self.source(r, oy, first, end) else {
+                    continue;
+                };
+                let (src, dst) = (&src[first..end], &mut plane[start..]);
+                if sx == 1 {
+                    // Two slices of one length: a loop the compiler vectorizes.
+                    for (d, s) in dst[..src.len()].iter_mut().zip(src) {
+                        *d += *s;
+                    }
+                } else {
+                    for (d, s) in dst.iter_mut().step_by(sx).zip(src) {
                         *d += *s;
                     }
                 }
@@ -430,24 +452,21 @@ impl Im2col {
     }
 }
 
-/// A matrix view of a slice for [`Im2col::product`]: its shape and strides.
-struct Matrix<S> {
-    data: S,
+/// A matrix view of a slice for [`Im2col::product`]: its shape and strides, which address
+/// only the slice.
+struct Matrix<'a> {
+    data: &'a [f32],
     rows: usize,
     cols: usize,
     row_stride: isize,
     col_stride: isize,
 }
 
-impl<S: AsRef<[f32]>> Matrix<S> {
+impl<'a> Matrix<'a> {
     /// The slice as a row-major matrix with rows of `cols` values.
-    fn rows(data: S, cols: usize) -> Self {
-        let rows = data.as_ref().len() / cols;
-        assert_eq!(
-            rows * cols,
-            data.as_ref().len(),
-            "a matrix of rows of {cols}"
-        );
+    fn rows(data: &'a [f32], cols: usize) -> Self {
+        let rows = data.len() / cols;
+        assert_eq!(rows * cols, data.len(), "a matrix of rows of {cols}");
         Self {
             data,
             rows,
@@ -459,7 +478,7 @@ impl<S: AsRef<[f32]>> Matrix<S> {
 
     /// The transpose of [`Matrix::rows`]`(data, len)`: the slice as a column-major matrix
     /// with columns of `len` values.
-    fn columns(data: S, len: usize) -> Self {
+    fn columns(data: &'a [f32], len: usize) -> Self {
         let Self {
             data, rows, cols, ..
         } = Self::rows(data, len);
@@ -469,6 +488,41 @@ impl<S: AsRef<[f32]>> Matrix<S> {
             cols: rows,
             row_stride: 1,
             col_stride: len as isize,
+        }
+    }
+}
+
+/// The destination of [`Im2col::product`]: a row-major matrix over a slice, initialized or
+/// not.
+struct Dst<'a> {
+    ptr: *mut f32,
+    rows: usize,
+    cols: usize,
+    _slice: PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> Dst<'a> {
+    /// The slice as a row-major matrix with rows of `cols` values.
+    fn rows(data: &'a mut [f32], cols: usize) -> Self {
+        let rows = data.len() / cols;
+        assert_eq!(rows * cols, data.len(), "a matrix of rows of {cols}");
+        Self {
+            ptr: data.as_mut_ptr(),
+            rows,
+            cols,
+            _slice: PhantomData,
+        }
+    }
+
+    /// [`Dst::rows`] over memory that the product is to initialize.
+    fn uninit(data: &'a mut [MaybeUninit<f32>], cols: usize) -> Self {
+        let rows = data.len() / cols;
+        assert_eq!(rows * cols, data.len(), "a matrix of rows of {cols}");
+        Self {
+            ptr: data.as_mut_ptr().cast(),
+            rows,
+            cols,
+            _slice: PhantomData,
         }
     }
 }
