@@ -4,9 +4,9 @@
 //! - [`Im2colConv`], the convolution alone: on `Flex` it is [`Im2col::forward`], and on
 //!   `Autodiff<Flex>` it records a backward step that computes both gradients with
 //!   [`Im2col::backward`] instead of Burn's generic transposed-convolution backward;
-//! - [`Im2colConvAffine`], inference only: the convolution followed by an [`Affine`] map
+//! - [`FlexInference`], inference only: the convolution followed by an [`Affine`] map
 //!   (BatchNorm with running statistics), the residual and ReLU, applied to each image's
-//!   output right after its product.
+//!   output right after its product; and max pooling.
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -20,6 +20,7 @@ use burn::tensor::TensorData;
 
 use super::Affine;
 use super::im2col::Im2col;
+use super::pool::MaxPool;
 
 /// A bias-free, ungrouped, undilated 2-d convolution with symmetric padding.
 ///
@@ -35,10 +36,11 @@ pub trait Im2colConv: Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// `relu?(affine(conv(x)))`, and `relu(affine(conv(x)) + residual)` (the residual has the
-/// output's shape); [`Im2colConv`]'s geometry rules apply.
+/// Inference on flex: `relu?(affine(conv(x)))`, `relu(affine(conv(x)) + residual)` (the
+/// residual has the output's shape), where [`Im2colConv`]'s geometry rules apply; and max
+/// pooling, where [`MaxPool::new`] accepts the geometry.
 #[backend_extension(Flex)]
-pub trait Im2colConvAffine: Backend {
+pub trait FlexInference: Backend {
     fn im2col_conv2d_affine(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -54,6 +56,13 @@ pub trait Im2colConvAffine: Backend {
         stride: [usize; 2],
         padding: [usize; 2],
         affine: Affine,
+    ) -> FloatTensor<Self>;
+
+    fn max_pool2d_planes(
+        x: FloatTensor<Self>,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
     ) -> FloatTensor<Self>;
 }
 
@@ -102,7 +111,7 @@ impl Im2colConv for Flex {
     }
 }
 
-impl Im2colConvAffine for Flex {
+impl FlexInference for Flex {
     fn im2col_conv2d_affine(
         x: FlexTensor,
         weight: FlexTensor,
@@ -123,9 +132,22 @@ impl Im2colConvAffine for Flex {
     ) -> FlexTensor {
         conv_affine(x, weight, Some(residual), stride, padding, &affine)
     }
+
+    fn max_pool2d_planes(
+        x: FlexTensor,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FlexTensor {
+        let input = x.shape().dims::<4>();
+        let pool = MaxPool::new(input, kernel, stride, padding)
+            .expect("the caller checked the pooling's geometry");
+        let x = contiguous(x);
+        tensor(pool.forward(values(&x)), pool.out_shape(input[0]))
+    }
 }
 
-/// [`Im2colConvAffine`] on flex's tensors.
+/// [`FlexInference`]'s convolution on flex's tensors.
 fn conv_affine(
     x: FlexTensor,
     weight: FlexTensor,

@@ -20,14 +20,17 @@
 
 mod conv;
 mod im2col;
+mod pool;
 
 use burn::backend::Dispatch;
-use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
+use burn::nn::pool::MaxPool2d;
+use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::tensor::{DType, Device, Tensor};
 
-use conv::{Im2colConv, Im2colConvAffine};
+use conv::{FlexInference, Im2colConv};
 use im2col::Im2col;
+use pool::MaxPool;
 
 /// The im2col geometry of `conv` on `x`, if the computation applies: f32 on flex.
 fn applies(conv: &Conv2d, x: &Tensor<4>) -> Option<Im2col> {
@@ -52,7 +55,7 @@ pub(crate) fn conv(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 }
 
 /// `relu?(bn(conv(x)) [+ residual])` (ReLU always after a residual) in inference, through
-/// [`Im2colConvAffine`] where it applies; `None` where it does not.
+/// [`FlexInference`] where it applies; `None` where it does not.
 ///
 /// The tensors are read where they are (a clone of a flex tensor shares its storage), so a
 /// block can keep `x` for its shortcut at no cost.
@@ -75,9 +78,9 @@ pub(crate) fn fused(
     let (stride, padding) = (im2col.stride(), im2col.padding());
     Some(Tensor::from_dispatch(match residual {
         None => {
-            <Dispatch as Im2colConvAffine>::im2col_conv2d_affine(x, weight, stride, padding, affine)
+            <Dispatch as FlexInference>::im2col_conv2d_affine(x, weight, stride, padding, affine)
         }
-        Some(residual) => <Dispatch as Im2colConvAffine>::im2col_conv2d_affine_residual(
+        Some(residual) => <Dispatch as FlexInference>::im2col_conv2d_affine_residual(
             x,
             weight,
             residual.clone().into_dispatch(),
@@ -86,6 +89,33 @@ pub(crate) fn fused(
             affine,
         ),
     }))
+}
+
+/// `pool(x)` in inference on flex through [`MaxPool`] where it applies (f32, no dilation,
+/// floor rounding, symmetric padding), else Burn's.
+pub(crate) fn max_pool(pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
+    let inference = x.device() == Device::flex() && !x.device().is_autodiff();
+    let padding = match pool.padding {
+        PaddingConfig2d::Valid => Some([0, 0]),
+        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
+            Some([top, left])
+        }
+        _ => None,
+    };
+    let geometry = padding
+        .filter(|_| {
+            inference && x.dtype() == DType::F32 && pool.dilation == [1, 1] && !pool.ceil_mode
+        })
+        .and_then(|padding| MaxPool::new(x.dims(), pool.kernel_size, pool.stride, padding));
+    match geometry {
+        Some(geometry) => Tensor::from_dispatch(<Dispatch as FlexInference>::max_pool2d_planes(
+            x.into_dispatch(),
+            geometry.kernel(),
+            geometry.stride(),
+            geometry.padding(),
+        )),
+        None => pool.forward(x),
+    }
 }
 
 /// BatchNorm in evaluation as a per-channel `x * scale + shift`, then ReLU if `relu`.
@@ -125,7 +155,7 @@ impl Affine {
 
     /// Applies the affine map, the residual and ReLU to one image's `[channels, pixels]`
     /// output.
-    fn apply(&self, out: &mut [f32], residual: Option<&[f32]>, pixels: usize) {
+    pub(crate) fn apply(&self, out: &mut [f32], residual: Option<&[f32]>, pixels: usize) {
         let rows = out
             .chunks_exact_mut(pixels)
             .zip(&self.scale)
@@ -158,10 +188,10 @@ mod tests {
     use super::*;
     use burn::module::{Param, RunningState};
     use burn::nn::BatchNormConfig;
-    use burn::nn::PaddingConfig2d;
     use burn::nn::conv::Conv2dConfig;
-    use burn::tensor::Distribution;
+    use burn::nn::pool::MaxPool2dConfig;
     use burn::tensor::activation::relu;
+    use burn::tensor::{Distribution, TensorData};
 
     /// A BatchNorm with random statistics and affine parameters.
     fn batch_norm(channels: usize, device: &Device) -> BatchNorm {
@@ -294,6 +324,50 @@ mod tests {
                 x.to_data().assert_eq(&original, true);
             }
         }
+    }
+
+    /// Max pooling against Burn's: the ImageNet stem's 3x3 stride 2 with padding 1 on even
+    /// and odd sides, a window wider than the stride, and no padding.
+    #[test]
+    fn max_pool_matches_burns() {
+        let device = Device::flex();
+        // kernel, stride, padding, side
+        for (kernel, stride, padding, side) in
+            [(3, 2, 1, 12), (3, 2, 1, 7), (2, 2, 0, 6), (3, 1, 1, 5)]
+        {
+            let pool = MaxPool2dConfig::new([kernel, kernel])
+                .with_strides([stride, stride])
+                .with_padding(PaddingConfig2d::Explicit(
+                    padding, padding, padding, padding,
+                ))
+                .init();
+            let x =
+                Tensor::<4>::random([2, 3, side, side], Distribution::Normal(0.0, 1.0), &device);
+            let expected = pool.forward(x.clone());
+            let got = max_pool(&pool, x);
+            assert_eq!(
+                got.dims(),
+                expected.dims(),
+                "{kernel} {stride} {padding} {side}"
+            );
+            got.into_data().assert_eq(&expected.into_data(), true);
+        }
+    }
+
+    /// A NaN is the maximum of every window it is in, as in PyTorch.
+    #[test]
+    fn max_pool_propagates_nan() {
+        let device = Device::flex();
+        let pool = MaxPool2dConfig::new([3, 3])
+            .with_strides([2, 2])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .init();
+        let mut values = vec![0f32; 16];
+        values[3 * 4 + 3] = f32::NAN; // only the window of output (1, 1) covers (3, 3)
+        let x = Tensor::<4>::from_data(TensorData::new(values, [1, 1, 4, 4]), &device);
+        let out: Vec<f32> = max_pool(&pool, x).into_data().try_to_vec().unwrap();
+        assert_eq!(out[..3], [0.0, 0.0, 0.0]);
+        assert!(out[3].is_nan(), "{out:?}");
     }
 
     #[test]
