@@ -35,6 +35,7 @@ LAYERS = [
     "conv1x1_s2_64_32px",
     "batchnorm_eval_64_32px",
     "relu_64_32px",
+    "maxpool3x3_s2_64_32px",
     "conv3x3_64_32px_forward_backward",
 ]
 LAYER_BATCH = 64

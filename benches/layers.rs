@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::MaxPool2dConfig;
 use burn::nn::{BatchNormConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Distribution, Tensor};
@@ -71,6 +72,12 @@ fn layers(c: &mut Criterion) {
         let norm = BatchNormConfig::new(64).init(&device);
         bench("batchnorm_eval_64_32px", &mut || norm.forward(x.clone()));
         bench("relu_64_32px", &mut || relu(x.clone()));
+        // The ImageNet stem's pooling (3x3, stride 2, padding 1), at this file's shapes.
+        let pool = MaxPool2dConfig::new([3, 3])
+            .with_strides([2, 2])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .init();
+        bench("maxpool3x3_s2_64_32px", &mut || pool.forward(x.clone()));
 
         let autodiff = device.clone().autodiff();
         let layer = conv(64, 64, 3, 1, &autodiff);

@@ -61,6 +61,7 @@ def layer_cases(device, seconds):
     x = torch.randn(LAYER_BATCH, 64, 32, 32, device=device)
     measure("batchnorm_eval_64_32px", no_grad(nn.BatchNorm2d(64).to(device).eval(), x))
     measure("relu_64_32px", no_grad(nn.ReLU(), x))
+    measure("maxpool3x3_s2_64_32px", no_grad(nn.MaxPool2d(3, 2, 1), x))
 
     conv = nn.Conv2d(64, 64, 3, 1, 1, bias=False).to(device)
     x = torch.randn(LAYER_BATCH, 64, 32, 32, device=device, requires_grad=True)

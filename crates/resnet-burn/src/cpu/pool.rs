@@ -1,8 +1,7 @@
 //! Max pooling of NCHW planes on the host, for the ImageNet stem's 3x3 stride-2 pooling in
-//! inference. On the 2-core machine, pooling ResNet-50's stem output at batch 8
-//! (`[8, 64, 112, 112]`) took flex's `max_pool2d` 43-48 ms, more than the stem convolution
-//! before it (24-30 ms), and takes this one 7-10 ms: a maximum over each window's rows,
-//! row by row, then over its columns.
+//! inference, where flex's `max_pool2d` is slow (the `maxpool3x3_s2_64_32px` row of
+//! `python3 benches/compare.py --bench layers`): a maximum over each window's rows, row by
+//! row (a loop that vectorizes), then over its columns, planes in parallel.
 
 use rayon::prelude::*;
 
