@@ -14,7 +14,7 @@ use crate::config::bottleneck_width;
 
 /// `relu?(bn(conv(x)))`; on flex through [`crate::cpu`].
 pub(crate) fn conv_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, relu: bool) -> Tensor<4> {
-    #[cfg(feature = "flex")]
+    #[cfg(any(feature = "flex", feature = "ndarray"))]
     if let Some(out) = crate::cpu::fused(conv, bn, &x, relu, None) {
         return out;
     }
@@ -24,9 +24,9 @@ pub(crate) fn conv_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, relu: bool) -
 
 /// `conv(x)`; on flex through [`crate::cpu::conv`].
 fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    #[cfg(feature = "flex")]
+    #[cfg(any(feature = "flex", feature = "ndarray"))]
     return crate::cpu::conv(conv, x);
-    #[cfg(not(feature = "flex"))]
+    #[cfg(not(any(feature = "flex", feature = "ndarray")))]
     conv.forward(x)
 }
 
@@ -37,7 +37,7 @@ pub(crate) fn conv_bn_add_relu(
     x: Tensor<4>,
     residual: Tensor<4>,
 ) -> Tensor<4> {
-    #[cfg(feature = "flex")]
+    #[cfg(any(feature = "flex", feature = "ndarray"))]
     if let Some(out) = crate::cpu::fused(conv, bn, &x, true, Some(&residual)) {
         return out;
     }

@@ -42,7 +42,7 @@
 
 pub mod block;
 pub mod config;
-#[cfg(feature = "flex")]
+#[cfg(any(feature = "flex", feature = "ndarray"))]
 mod cpu;
 #[cfg(feature = "pretrained")]
 pub mod pretrained;

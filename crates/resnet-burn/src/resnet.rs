@@ -175,9 +175,9 @@ impl ResNet {
     pub fn forward_stages(&self, x: Tensor<4>) -> [Tensor<4>; 4] {
         let x = conv_bn(&self.conv1, &self.bn1, x, true);
         let x = match &self.maxpool {
-            #[cfg(feature = "flex")]
+            #[cfg(any(feature = "flex", feature = "ndarray"))]
             Some(pool) => crate::cpu::max_pool(pool, x),
-            #[cfg(not(feature = "flex"))]
+            #[cfg(not(any(feature = "flex", feature = "ndarray")))]
             Some(pool) => pool.forward(x),
             None => x,
         };

@@ -1,21 +1,31 @@
-//! The im2col convolution as Burn backend extensions, which reach flex's tensors without
-//! copying them:
+//! The host kernels as Burn backend extensions, which give them Burn's tensors: on flex they
+//! read the storage in place, on ndarray they read a copy.
 //!
-//! - [`Im2colConv`], the convolution alone: on `Flex` it is [`Im2col::forward`], and on
-//!   `Autodiff<Flex>` it records a backward step that computes both gradients with
+//! - [`Im2colConv`], the convolution alone: on a CPU backend it is [`Im2col::forward`], and
+//!   on `Autodiff` over it, it records a backward step that computes both gradients with
 //!   [`Im2col::backward`] instead of Burn's generic transposed-convolution backward;
-//! - [`FlexInference`], inference only: the convolution followed by an [`Affine`] map
+//! - [`CpuInference`], inference only: the convolution followed by an [`Affine`] map
 //!   (BatchNorm with running statistics), the residual and ReLU, applied to each image's
 //!   output right after its product; and max pooling.
 
+// Burn 0.22 deprecates ndarray in favour of flex; this crate still supports it.
+#![allow(deprecated)]
+
+#[cfg(feature = "flex")]
+use burn::backend::Flex;
+#[cfg(feature = "ndarray")]
+use burn::backend::NdArray;
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+#[cfg(feature = "flex")]
 use burn::backend::flex::FlexTensor;
+#[cfg(feature = "ndarray")]
+use burn::backend::ndarray::NdArrayTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Backend, Flex, TensorMetadata, backend_extension};
+use burn::backend::{Backend, TensorMetadata, backend_extension};
 use burn::tensor::TensorData;
 
 use super::Affine;
@@ -24,9 +34,13 @@ use super::pool::MaxPool;
 
 /// A bias-free, ungrouped, undilated 2-d convolution with symmetric padding.
 ///
-/// Callers check the geometry with [`Im2col::new`] first: the implementations treat an
-/// inconsistent one as a bug.
-#[backend_extension(Flex, Autodiff)]
+/// Callers check the geometry with [`Im2col::new`] and the dtype (f32) first: the
+/// implementations treat anything else as a bug.
+#[backend_extension(
+    Flex: cfg(feature = "flex"),
+    NdArray: cfg(feature = "ndarray"),
+    Autodiff
+)]
 pub trait Im2colConv: Backend {
     fn im2col_conv2d(
         x: FloatTensor<Self>,
@@ -36,11 +50,11 @@ pub trait Im2colConv: Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// Inference on flex: `relu?(affine(conv(x)))`, `relu(affine(conv(x)) + residual)` (the
-/// residual has the output's shape), where [`Im2colConv`]'s geometry rules apply; and max
-/// pooling, where [`MaxPool::new`] accepts the geometry.
-#[backend_extension(Flex)]
-pub trait FlexInference: Backend {
+/// Inference: `relu?(affine(conv(x)))`, `relu(affine(conv(x)) + residual)` (the residual has
+/// the output's shape), where [`Im2colConv`]'s rules apply; and max pooling, where
+/// [`MaxPool::new`] accepts the geometry.
+#[backend_extension(Flex: cfg(feature = "flex"), NdArray: cfg(feature = "ndarray"))]
+pub trait CpuInference: Backend {
     fn im2col_conv2d_affine(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -66,114 +80,191 @@ pub trait FlexInference: Backend {
     ) -> FloatTensor<Self>;
 }
 
+/// A CPU backend whose f32 tensors the host kernels can read and make.
+pub trait HostTensors: Backend {
+    /// The values of `t` (f32), row-major.
+    fn host(t: FloatTensor<Self>) -> Host;
+
+    /// A tensor of `values`, row-major, with `shape`.
+    fn from_host(values: Vec<f32>, shape: [usize; 4]) -> FloatTensor<Self>;
+}
+
+/// The f32 values of a tensor on the host: flex's storage itself, or a copy.
+pub enum Host {
+    #[cfg(feature = "flex")]
+    Flex(FlexTensor),
+    /// An ndarray tensor in standard (row-major, contiguous) layout, read in place.
+    #[cfg(feature = "ndarray")]
+    NdArray(NdArrayTensor),
+    #[cfg(feature = "ndarray")]
+    Data(TensorData),
+}
+
+impl Host {
+    fn values(&self) -> &[f32] {
+        match self {
+            #[cfg(feature = "flex")]
+            Host::Flex(t) => t.as_slice::<f32>(),
+            #[cfg(feature = "ndarray")]
+            Host::NdArray(NdArrayTensor::F32(storage)) => storage.view().to_slice(),
+            #[cfg(feature = "ndarray")]
+            Host::NdArray(_) => None,
+            #[cfg(feature = "ndarray")]
+            Host::Data(data) => data.as_slice::<f32>().ok(),
+        }
+        .expect("an f32 tensor (the caller checked the dtype)")
+    }
+}
+
+#[cfg(feature = "flex")]
+impl HostTensors for Flex {
+    fn host(t: FlexTensor) -> Host {
+        // Contiguous storage is read in place (shared, not copied).
+        Host::Flex(if t.as_slice::<f32>().is_some() {
+            t
+        } else {
+            t.to_contiguous()
+        })
+    }
+
+    fn from_host(values: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
+        FlexTensor::from_data(TensorData::new(values, shape))
+    }
+}
+
+#[cfg(feature = "ndarray")]
+impl HostTensors for NdArray {
+    fn host(t: NdArrayTensor) -> Host {
+        use burn::backend::ops::FloatTensorOps;
+        let in_place =
+            matches!(&t, NdArrayTensor::F32(storage) if storage.view().is_standard_layout());
+        if in_place {
+            return Host::NdArray(t);
+        }
+        // ndarray's reads complete at once: there is nothing to wait for.
+        let data = burn::tensor::read_sync(Self::float_into_data(t));
+        Host::Data(data.expect("reading an ndarray tensor on the host"))
+    }
+
+    fn from_host(values: Vec<f32>, shape: [usize; 4]) -> NdArrayTensor {
+        NdArrayTensor::from_data(TensorData::new(values, shape))
+    }
+}
+
 /// The geometry of a convolution of `x` by `weight`.
-fn geometry(
-    x: &FlexTensor,
-    weight: &FlexTensor,
+fn geometry<B: Backend>(
+    x: &FloatTensor<B>,
+    weight: &FloatTensor<B>,
     stride: [usize; 2],
     padding: [usize; 2],
 ) -> Im2col {
-    let dims = |t: &FlexTensor| -> [usize; 4] { t.shape().dims::<4>() };
-    Im2col::new(dims(x), dims(weight), stride, padding)
+    Im2col::new(x.shape().dims(), weight.shape().dims(), stride, padding)
         .expect("the caller checked the convolution's geometry")
 }
 
-/// `t` with contiguous storage, so that [`values`] can read it.
-fn contiguous(t: FlexTensor) -> FlexTensor {
-    if t.as_slice::<f32>().is_some() {
-        t
-    } else {
-        t.to_contiguous()
-    }
+fn conv<B: HostTensors>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    stride: [usize; 2],
+    padding: [usize; 2],
+) -> FloatTensor<B> {
+    let geometry = geometry::<B>(&x, &weight, stride, padding);
+    let (x, weight) = (B::host(x), B::host(weight));
+    let out = geometry.forward(x.values(), weight.values(), |_, _| {});
+    B::from_host(out, geometry.out_shape())
 }
 
-/// The values of a contiguous f32 tensor.
-fn values(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>()
-        .expect("a contiguous f32 tensor (the caller checked the dtype)")
-}
-
-fn tensor(values: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, shape))
-}
-
-impl Im2colConv for Flex {
-    fn im2col_conv2d(
-        x: FlexTensor,
-        weight: FlexTensor,
-        stride: [usize; 2],
-        padding: [usize; 2],
-    ) -> FlexTensor {
-        let geometry = geometry(&x, &weight, stride, padding);
-        let (x, weight) = (contiguous(x), contiguous(weight));
-        let out = geometry.forward(values(&x), values(&weight), |_, _| {});
-        tensor(out, geometry.out_shape())
-    }
-}
-
-impl FlexInference for Flex {
-    fn im2col_conv2d_affine(
-        x: FlexTensor,
-        weight: FlexTensor,
-        stride: [usize; 2],
-        padding: [usize; 2],
-        affine: Affine,
-    ) -> FlexTensor {
-        conv_affine(x, weight, None, stride, padding, &affine)
-    }
-
-    fn im2col_conv2d_affine_residual(
-        x: FlexTensor,
-        weight: FlexTensor,
-        residual: FlexTensor,
-        stride: [usize; 2],
-        padding: [usize; 2],
-        affine: Affine,
-    ) -> FlexTensor {
-        conv_affine(x, weight, Some(residual), stride, padding, &affine)
-    }
-
-    fn max_pool2d_planes(
-        x: FlexTensor,
-        kernel: [usize; 2],
-        stride: [usize; 2],
-        padding: [usize; 2],
-    ) -> FlexTensor {
-        let input = x.shape().dims::<4>();
-        let pool = MaxPool::new(input, kernel, stride, padding)
-            .expect("the caller checked the pooling's geometry");
-        let x = contiguous(x);
-        tensor(pool.forward(values(&x)), pool.out_shape(input[0]))
-    }
-}
-
-/// [`FlexInference`]'s convolution on flex's tensors.
-fn conv_affine(
-    x: FlexTensor,
-    weight: FlexTensor,
-    residual: Option<FlexTensor>,
+fn conv_affine<B: HostTensors>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    residual: Option<FloatTensor<B>>,
     stride: [usize; 2],
     padding: [usize; 2],
     affine: &Affine,
-) -> FlexTensor {
-    let geometry = geometry(&x, &weight, stride, padding);
-    let (x, weight) = (contiguous(x), contiguous(weight));
-    let residual = residual.map(contiguous);
-    let residual = residual.as_ref().map(values);
+) -> FloatTensor<B> {
+    let geometry = geometry::<B>(&x, &weight, stride, padding);
+    let (x, weight) = (B::host(x), B::host(weight));
+    let residual = residual.map(B::host);
+    let residual = residual.as_ref().map(Host::values);
     let pixels = geometry.pixels();
     let out_image = geometry.out_channels() * pixels;
-    let out = geometry.forward(values(&x), values(&weight), |i, out| {
+    let out = geometry.forward(x.values(), weight.values(), |i, out| {
         let residual = residual.map(|r| &r[i * out_image..(i + 1) * out_image]);
         affine.apply(out, residual, pixels);
     });
-    tensor(out, geometry.out_shape())
+    B::from_host(out, geometry.out_shape())
 }
+
+fn max_pool<B: HostTensors>(
+    x: FloatTensor<B>,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+) -> FloatTensor<B> {
+    let input = x.shape().dims::<4>();
+    let pool = MaxPool::new(input, kernel, stride, padding)
+        .expect("the caller checked the pooling's geometry");
+    B::from_host(pool.forward(B::host(x).values()), pool.out_shape(input[0]))
+}
+
+/// The extensions on one CPU backend, through the generic functions above.
+macro_rules! on_host {
+    ($backend:ty) => {
+        impl Im2colConv for $backend {
+            fn im2col_conv2d(
+                x: FloatTensor<Self>,
+                weight: FloatTensor<Self>,
+                stride: [usize; 2],
+                padding: [usize; 2],
+            ) -> FloatTensor<Self> {
+                conv::<Self>(x, weight, stride, padding)
+            }
+        }
+
+        impl CpuInference for $backend {
+            fn im2col_conv2d_affine(
+                x: FloatTensor<Self>,
+                weight: FloatTensor<Self>,
+                stride: [usize; 2],
+                padding: [usize; 2],
+                affine: Affine,
+            ) -> FloatTensor<Self> {
+                conv_affine::<Self>(x, weight, None, stride, padding, &affine)
+            }
+
+            fn im2col_conv2d_affine_residual(
+                x: FloatTensor<Self>,
+                weight: FloatTensor<Self>,
+                residual: FloatTensor<Self>,
+                stride: [usize; 2],
+                padding: [usize; 2],
+                affine: Affine,
+            ) -> FloatTensor<Self> {
+                conv_affine::<Self>(x, weight, Some(residual), stride, padding, &affine)
+            }
+
+            fn max_pool2d_planes(
+                x: FloatTensor<Self>,
+                kernel: [usize; 2],
+                stride: [usize; 2],
+                padding: [usize; 2],
+            ) -> FloatTensor<Self> {
+                max_pool::<Self>(x, kernel, stride, padding)
+            }
+        }
+    };
+}
+
+#[cfg(feature = "flex")]
+on_host!(Flex);
+#[cfg(feature = "ndarray")]
+on_host!(NdArray);
 
 /// What the backward step keeps of the forward: both operands (shared, not copied).
 #[derive(Clone, Debug)]
-struct Saved {
-    x: FlexTensor,
-    weight: FlexTensor,
+struct Saved<B: Backend> {
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
     stride: [usize; 2],
     padding: [usize; 2],
 }
@@ -181,37 +272,37 @@ struct Saved {
 #[derive(Debug)]
 struct Im2colConvBackward;
 
-impl Backward<Flex, 2> for Im2colConvBackward {
-    type State = Saved;
+impl<B: HostTensors> Backward<B, 2> for Im2colConvBackward {
+    type State = Saved<B>;
 
-    fn backward(self, ops: Ops<Saved, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<Saved<B>, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [x_node, weight_node] = ops.parents;
-        let grad = contiguous(grads.consume::<Flex>(&ops.node));
+        let grad = B::host(grads.consume::<B>(&ops.node));
         let Saved {
             x,
             weight,
             stride,
             padding,
         } = ops.state;
-        let geometry = geometry(&x, &weight, stride, padding);
-        let (x, weight) = (contiguous(x), contiguous(weight));
+        let geometry = geometry::<B>(&x, &weight, stride, padding);
+        let (x, weight) = (B::host(x), B::host(weight));
         let (x_grad, weight_grad) = geometry.backward(
-            values(&x),
-            values(&weight),
-            values(&grad),
+            x.values(),
+            weight.values(),
+            grad.values(),
             x_node.is_some(),
             weight_node.is_some(),
         );
         if let (Some(node), Some(x_grad)) = (x_node, x_grad) {
-            grads.register::<Flex>(node.id, tensor(x_grad, geometry.in_shape()));
+            grads.register::<B>(node.id, B::from_host(x_grad, geometry.in_shape()));
         }
         if let (Some(node), Some(weight_grad)) = (weight_node, weight_grad) {
-            grads.register::<Flex>(node.id, tensor(weight_grad, geometry.weight_shape()));
+            grads.register::<B>(node.id, B::from_host(weight_grad, geometry.weight_shape()));
         }
     }
 }
 
-impl<C: CheckpointStrategy> Im2colConv for Autodiff<Flex, C> {
+impl<B: HostTensors + Im2colConv, C: CheckpointStrategy> Im2colConv for Autodiff<B, C> {
     fn im2col_conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -226,7 +317,7 @@ impl<C: CheckpointStrategy> Im2colConv for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let out = Flex::im2col_conv2d(x.clone(), weight.clone(), stride, padding);
+                let out = B::im2col_conv2d(x.clone(), weight.clone(), stride, padding);
                 let saved = Saved {
                     x,
                     weight,
@@ -235,9 +326,7 @@ impl<C: CheckpointStrategy> Im2colConv for Autodiff<Flex, C> {
                 };
                 prep.finish(saved, out)
             }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(Flex::im2col_conv2d(x, weight, stride, padding))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(B::im2col_conv2d(x, weight, stride, padding)),
         }
     }
 }

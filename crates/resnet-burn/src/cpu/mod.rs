@@ -28,15 +28,30 @@ use burn::nn::pool::MaxPool2d;
 use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::tensor::{DType, Device, Tensor};
 
-use conv::{FlexInference, Im2colConv};
+use conv::{CpuInference, Im2colConv};
 use im2col::Im2col;
 use pool::MaxPool;
 
-/// The im2col geometry of `conv` on `x`, if the computation applies: f32 on flex.
+/// Whether `device` is one of the CPU backends with the host kernels (with or without
+/// autodiff: an autodiff device compares equal to the device it wraps).
+#[allow(deprecated)] // Burn 0.22 deprecates ndarray; this crate still supports it.
+fn on_host(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    if *device == Device::flex() {
+        return true;
+    }
+    #[cfg(feature = "ndarray")]
+    if *device == Device::ndarray() {
+        return true;
+    }
+    false
+}
+
+/// The im2col geometry of `conv` on `x`, if the computation applies: f32 on a CPU backend
+/// ([`on_host`]).
 fn applies(conv: &Conv2d, x: &Tensor<4>) -> Option<Im2col> {
-    // An autodiff device compares equal to the device it wraps: this admits both.
-    let on_flex = x.device() == Device::flex();
-    (on_flex && x.dtype() == DType::F32 && conv.weight.dtype() == DType::F32)
+    let on_host = on_host(&x.device());
+    (on_host && x.dtype() == DType::F32 && conv.weight.dtype() == DType::F32)
         .then(|| Im2col::for_conv(conv, x.dims()))
         .flatten()
 }
@@ -55,7 +70,7 @@ pub(crate) fn conv(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 }
 
 /// `relu?(bn(conv(x)) [+ residual])` (ReLU always after a residual) in inference, through
-/// [`FlexInference`] where it applies; `None` where it does not.
+/// [`CpuInference`] where it applies; `None` where it does not.
 ///
 /// The tensors are read where they are (a clone of a flex tensor shares its storage), so a
 /// block can keep `x` for its shortcut at no cost.
@@ -78,9 +93,9 @@ pub(crate) fn fused(
     let (stride, padding) = (im2col.stride(), im2col.padding());
     Some(Tensor::from_dispatch(match residual {
         None => {
-            <Dispatch as FlexInference>::im2col_conv2d_affine(x, weight, stride, padding, affine)
+            <Dispatch as CpuInference>::im2col_conv2d_affine(x, weight, stride, padding, affine)
         }
-        Some(residual) => <Dispatch as FlexInference>::im2col_conv2d_affine_residual(
+        Some(residual) => <Dispatch as CpuInference>::im2col_conv2d_affine_residual(
             x,
             weight,
             residual.clone().into_dispatch(),
@@ -94,7 +109,7 @@ pub(crate) fn fused(
 /// `pool(x)` in inference on flex through [`MaxPool`] where it applies (f32, no dilation,
 /// floor rounding, symmetric padding), else Burn's.
 pub(crate) fn max_pool(pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
-    let inference = x.device() == Device::flex() && !x.device().is_autodiff();
+    let inference = on_host(&x.device()) && !x.device().is_autodiff();
     let padding = match pool.padding {
         PaddingConfig2d::Valid => Some([0, 0]),
         PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
@@ -108,7 +123,7 @@ pub(crate) fn max_pool(pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
         })
         .and_then(|padding| MaxPool::new(x.dims(), pool.kernel_size, pool.stride, padding));
     match geometry {
-        Some(geometry) => Tensor::from_dispatch(<Dispatch as FlexInference>::max_pool2d_planes(
+        Some(geometry) => Tensor::from_dispatch(<Dispatch as CpuInference>::max_pool2d_planes(
             x.into_dispatch(),
             geometry.kernel(),
             geometry.stride(),
@@ -186,6 +201,17 @@ impl Affine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CPU devices compiled in: the host kernels run on each.
+    #[allow(deprecated)]
+    fn host_devices() -> Vec<Device> {
+        let mut devices = Vec::new();
+        #[cfg(feature = "flex")]
+        devices.push(Device::flex());
+        #[cfg(feature = "ndarray")]
+        devices.push(Device::ndarray());
+        devices
+    }
     use burn::module::{Param, RunningState};
     use burn::nn::BatchNormConfig;
     use burn::nn::conv::Conv2dConfig;
@@ -258,36 +284,39 @@ mod tests {
     /// autodiff backward, for every geometry.
     #[test]
     fn training_matches_burns_convolution_and_gradients() {
-        let device = Device::flex().autodiff();
-        for case @ (_, _, _, kernel, stride, padding, _) in CASES {
-            let what = format!("{kernel}x{kernel} stride {stride} padding {padding} {case:?}");
-            let (reference, x) = convolution(case, &device);
-            assert!(applies(&reference, &x).is_some(), "{what}");
-            let ours = reference.clone();
-            let x_ours = x.clone().detach().require_grad();
-            let x_reference = x.detach().require_grad();
-            let out_ours = conv(&ours, x_ours.clone());
-            let out_reference = reference.forward(x_reference.clone());
-            // A loss whose gradient differs at every output position.
-            let weights = Tensor::<4>::random(out_reference.dims(), Distribution::Default, &device);
-            let grads_ours = (out_ours.clone() * weights.clone()).sum().backward();
-            let grads_reference = (out_reference.clone() * weights).sum().backward();
+        for device in host_devices() {
+            let device = device.autodiff();
+            for case @ (_, _, _, kernel, stride, padding, _) in CASES {
+                let what = format!("{kernel}x{kernel} stride {stride} padding {padding} {case:?}");
+                let (reference, x) = convolution(case, &device);
+                assert!(applies(&reference, &x).is_some(), "{what}");
+                let ours = reference.clone();
+                let x_ours = x.clone().detach().require_grad();
+                let x_reference = x.detach().require_grad();
+                let out_ours = conv(&ours, x_ours.clone());
+                let out_reference = reference.forward(x_reference.clone());
+                // A loss whose gradient differs at every output position.
+                let weights =
+                    Tensor::<4>::random(out_reference.dims(), Distribution::Default, &device);
+                let grads_ours = (out_ours.clone() * weights.clone()).sum().backward();
+                let grads_reference = (out_reference.clone() * weights).sum().backward();
 
-            let difference = relative_difference(out_ours, out_reference);
-            assert!(difference < 1e-5, "{what}: output {difference}");
-            let x_grad = |x: &Tensor<4>, grads| x.grad(grads).expect("the input's gradient");
-            let difference = relative_difference(
-                x_grad(&x_ours, &grads_ours),
-                x_grad(&x_reference, &grads_reference),
-            );
-            assert!(difference < 1e-5, "{what}: input gradient {difference}");
-            let weight_grad =
-                |conv: &Conv2d, grads| conv.weight.grad(grads).expect("the weight's gradient");
-            let difference = relative_difference(
-                weight_grad(&ours, &grads_ours),
-                weight_grad(&reference, &grads_reference),
-            );
-            assert!(difference < 1e-5, "{what}: weight gradient {difference}");
+                let difference = relative_difference(out_ours, out_reference);
+                assert!(difference < 1e-5, "{what}: output {difference}");
+                let x_grad = |x: &Tensor<4>, grads| x.grad(grads).expect("the input's gradient");
+                let difference = relative_difference(
+                    x_grad(&x_ours, &grads_ours),
+                    x_grad(&x_reference, &grads_reference),
+                );
+                assert!(difference < 1e-5, "{what}: input gradient {difference}");
+                let weight_grad =
+                    |conv: &Conv2d, grads| conv.weight.grad(grads).expect("the weight's gradient");
+                let difference = relative_difference(
+                    weight_grad(&ours, &grads_ours),
+                    weight_grad(&reference, &grads_reference),
+                );
+                assert!(difference < 1e-5, "{what}: weight gradient {difference}");
+            }
         }
     }
 
@@ -295,33 +324,35 @@ mod tests {
     /// uses, with and without ReLU.
     #[test]
     fn matches_burns_convolution_and_batch_norm() {
-        let device = Device::flex();
-        for case @ (_, _, out, kernel, stride, padding, _) in CASES {
-            let (conv, x) = convolution(case, &device);
-            let bn = batch_norm(out, &device);
-            let original = x.to_data();
-            assert!(applies(&conv, &x).is_some());
-            let reference = bn.forward(conv.forward(x.clone()));
-            let residual = Tensor::<4>::random(reference.dims(), Distribution::Default, &device);
-            let expected = [
-                reference.clone(),
-                relu(reference.clone()),
-                relu(reference + residual.clone()),
-            ];
-            let inputs = [(false, None), (true, None), (false, Some(residual))];
-            for (expected, (relu, residual)) in expected.into_iter().zip(inputs) {
-                let what = format!(
-                    "{kernel}x{kernel} stride {stride} padding {padding} relu {relu} residual {}",
-                    residual.is_some()
-                );
-                let Some(got) = fused(&conv, &bn, &x, relu, residual.as_ref()) else {
-                    panic!("{what}: the fast path does not apply");
-                };
-                assert_eq!(got.dims(), expected.dims());
-                let difference: f32 = (got - expected).abs().max().into_scalar();
-                assert!(difference < 1e-4, "{what}: {difference}");
-                // The input is read in place, never written.
-                x.to_data().assert_eq(&original, true);
+        for device in host_devices() {
+            for case @ (_, _, out, kernel, stride, padding, _) in CASES {
+                let (conv, x) = convolution(case, &device);
+                let bn = batch_norm(out, &device);
+                let original = x.to_data();
+                assert!(applies(&conv, &x).is_some());
+                let reference = bn.forward(conv.forward(x.clone()));
+                let residual =
+                    Tensor::<4>::random(reference.dims(), Distribution::Default, &device);
+                let expected = [
+                    reference.clone(),
+                    relu(reference.clone()),
+                    relu(reference + residual.clone()),
+                ];
+                let inputs = [(false, None), (true, None), (false, Some(residual))];
+                for (expected, (relu, residual)) in expected.into_iter().zip(inputs) {
+                    let what = format!(
+                        "{kernel}x{kernel} stride {stride} padding {padding} relu {relu} residual {}",
+                        residual.is_some()
+                    );
+                    let Some(got) = fused(&conv, &bn, &x, relu, residual.as_ref()) else {
+                        panic!("{what}: the fast path does not apply");
+                    };
+                    assert_eq!(got.dims(), expected.dims());
+                    let difference: f32 = (got - expected).abs().max().into_scalar();
+                    assert!(difference < 1e-4, "{what}: {difference}");
+                    // The input is read in place, never written.
+                    x.to_data().assert_eq(&original, true);
+                }
             }
         }
     }
@@ -330,59 +361,65 @@ mod tests {
     /// and odd sides, a window wider than the stride, and no padding.
     #[test]
     fn max_pool_matches_burns() {
-        let device = Device::flex();
-        // kernel, stride, padding, side
-        for (kernel, stride, padding, side) in
-            [(3, 2, 1, 12), (3, 2, 1, 7), (2, 2, 0, 6), (3, 1, 1, 5)]
-        {
-            let pool = MaxPool2dConfig::new([kernel, kernel])
-                .with_strides([stride, stride])
-                .with_padding(PaddingConfig2d::Explicit(
-                    padding, padding, padding, padding,
-                ))
-                .init();
-            let x =
-                Tensor::<4>::random([2, 3, side, side], Distribution::Normal(0.0, 1.0), &device);
-            let expected = pool.forward(x.clone());
-            let got = max_pool(&pool, x);
-            assert_eq!(
-                got.dims(),
-                expected.dims(),
-                "{kernel} {stride} {padding} {side}"
-            );
-            got.into_data().assert_eq(&expected.into_data(), true);
+        for device in host_devices() {
+            // kernel, stride, padding, side
+            for (kernel, stride, padding, side) in
+                [(3, 2, 1, 12), (3, 2, 1, 7), (2, 2, 0, 6), (3, 1, 1, 5)]
+            {
+                let pool = MaxPool2dConfig::new([kernel, kernel])
+                    .with_strides([stride, stride])
+                    .with_padding(PaddingConfig2d::Explicit(
+                        padding, padding, padding, padding,
+                    ))
+                    .init();
+                let x = Tensor::<4>::random(
+                    [2, 3, side, side],
+                    Distribution::Normal(0.0, 1.0),
+                    &device,
+                );
+                let expected = pool.forward(x.clone());
+                let got = max_pool(&pool, x);
+                assert_eq!(
+                    got.dims(),
+                    expected.dims(),
+                    "{kernel} {stride} {padding} {side}"
+                );
+                got.into_data().assert_eq(&expected.into_data(), true);
+            }
         }
     }
 
     /// A NaN is the maximum of every window it is in, as in PyTorch.
     #[test]
     fn max_pool_propagates_nan() {
-        let device = Device::flex();
-        let pool = MaxPool2dConfig::new([3, 3])
-            .with_strides([2, 2])
-            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-            .init();
-        let mut values = vec![0f32; 16];
-        values[3 * 4 + 3] = f32::NAN; // only the window of output (1, 1) covers (3, 3)
-        let x = Tensor::<4>::from_data(TensorData::new(values, [1, 1, 4, 4]), &device);
-        let out: Vec<f32> = max_pool(&pool, x).into_data().try_to_vec().unwrap();
-        assert_eq!(out[..3], [0.0, 0.0, 0.0]);
-        assert!(out[3].is_nan(), "{out:?}");
+        for device in host_devices() {
+            let pool = MaxPool2dConfig::new([3, 3])
+                .with_strides([2, 2])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init();
+            let mut values = vec![0f32; 16];
+            values[3 * 4 + 3] = f32::NAN; // only the window of output (1, 1) covers (3, 3)
+            let x = Tensor::<4>::from_data(TensorData::new(values, [1, 1, 4, 4]), &device);
+            let out: Vec<f32> = max_pool(&pool, x).into_data().try_to_vec().unwrap();
+            assert_eq!(out[..3], [0.0, 0.0, 0.0]);
+            assert!(out[3].is_nan(), "{out:?}");
+        }
     }
 
     #[test]
     fn other_convolutions_keep_burns_path() {
-        let device = Device::flex();
-        let x = Tensor::<4>::zeros([1, 4, 8, 8], &device);
-        let grouped = Conv2dConfig::new([4, 4], [3, 3])
-            .with_groups(2)
-            .init(&device);
-        let dilated = Conv2dConfig::new([4, 4], [3, 3])
-            .with_dilation([2, 2])
-            .init(&device);
-        let biased = Conv2dConfig::new([4, 4], [3, 3]).init(&device);
-        for conv in [grouped, dilated, biased] {
-            assert!(applies(&conv, &x).is_none());
+        for device in host_devices() {
+            let x = Tensor::<4>::zeros([1, 4, 8, 8], &device);
+            let grouped = Conv2dConfig::new([4, 4], [3, 3])
+                .with_groups(2)
+                .init(&device);
+            let dilated = Conv2dConfig::new([4, 4], [3, 3])
+                .with_dilation([2, 2])
+                .init(&device);
+            let biased = Conv2dConfig::new([4, 4], [3, 3]).init(&device);
+            for conv in [grouped, dilated, biased] {
+                assert!(applies(&conv, &x).is_none());
+            }
         }
     }
 }
