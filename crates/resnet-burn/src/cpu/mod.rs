@@ -205,12 +205,12 @@ mod tests {
     /// The CPU devices compiled in: the host kernels run on each.
     #[allow(deprecated)]
     fn host_devices() -> Vec<Device> {
-        let mut devices = Vec::new();
-        #[cfg(feature = "flex")]
-        devices.push(Device::flex());
-        #[cfg(feature = "ndarray")]
-        devices.push(Device::ndarray());
-        devices
+        Vec::from([
+            #[cfg(feature = "flex")]
+            Device::flex(),
+            #[cfg(feature = "ndarray")]
+            Device::ndarray(),
+        ])
     }
     use burn::module::{Param, RunningState};
     use burn::nn::BatchNormConfig;
