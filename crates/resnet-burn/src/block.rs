@@ -12,7 +12,7 @@ use burn::tensor::{Device, Tensor};
 
 use crate::config::bottleneck_width;
 
-/// `relu?(bn(conv(x)))`; on flex through [`crate::cpu`].
+/// `relu?(bn(conv(x)))`; on the CPU backends through [`crate::cpu`].
 pub(crate) fn conv_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, relu: bool) -> Tensor<4> {
     #[cfg(any(feature = "flex", feature = "ndarray"))]
     if let Some(out) = crate::cpu::fused(conv, bn, &x, relu, None) {
@@ -22,7 +22,7 @@ pub(crate) fn conv_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, relu: bool) -
     if relu { activation::relu(out) } else { out }
 }
 
-/// `conv(x)`; on flex through [`crate::cpu::conv`].
+/// `conv(x)`; on the CPU backends through [`crate::cpu::conv`].
 fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     #[cfg(any(feature = "flex", feature = "ndarray"))]
     return crate::cpu::conv(conv, x);

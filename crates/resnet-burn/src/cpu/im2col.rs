@@ -2,15 +2,16 @@
 //! product, and both halves of its backward (the input's and the weight's gradient).
 //!
 //! Every kernel works on one image at a time, with the `gemm` crate (which flex uses too).
-//! Images are shared between threads in fixed groups, so that sums over the batch (the
-//! weight's gradient) are added in the same order on every run: training stays
-//! deterministic.
+//! In the backward, images are shared between threads in fixed groups, so that sums over
+//! the batch (the weight's gradient) are added in the same order on every run: training
+//! stays deterministic.
 
-use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
+
+use super::output_size;
 
 /// The geometry of one convolution computed as im2col + gemm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,21 +29,12 @@ pub(crate) struct Im2col {
 }
 
 impl Im2col {
-    /// The geometry of `conv` on an input of shape `input` (NCHW), if these kernels compute
-    /// it: ungrouped, undilated, bias-free, with symmetric padding.
-    pub(crate) fn for_conv(conv: &Conv2d, input: [usize; 4]) -> Option<Self> {
+    /// The geometry of `conv` on an input of shape `input` (NCHW) with its (symmetric)
+    /// `padding`, if these kernels compute it: ungrouped, undilated, bias-free.
+    pub(crate) fn for_conv(conv: &Conv2d, input: [usize; 4], padding: [usize; 2]) -> Option<Self> {
         if conv.groups != 1 || conv.dilation != [1, 1] || conv.bias.is_some() {
             return None;
         }
-        let padding = match conv.padding {
-            PaddingConfig2d::Valid => [0, 0],
-            PaddingConfig2d::Explicit(top, left, bottom, right)
-                if top == bottom && left == right =>
-            {
-                [top, left]
-            }
-            _ => return None,
-        };
         Self::new(input, conv.weight.dims(), conv.stride, padding)
     }
 
@@ -55,11 +47,8 @@ impl Im2col {
     ) -> Option<Self> {
         let [batch, channels, height, width] = input;
         let [out_channels, weight_channels, kh, kw] = weight;
-        let out = |size: usize, k: usize, s: usize, p: usize| {
-            (s > 0 && size + 2 * p >= k).then(|| (size + 2 * p - k) / s + 1)
-        };
-        let out_height = out(height, kh, stride[0], padding[0])?;
-        let out_width = out(width, kw, stride[1], padding[1])?;
+        let out_height = output_size(height, kh, stride[0], padding[0])?;
+        let out_width = output_size(width, kw, stride[1], padding[1])?;
         (weight_channels == channels && batch * out_channels * out_height * out_width > 0)
             .then_some(Self {
                 batch,

@@ -1,4 +1,5 @@
-//! Convolutions on the flex CPU backend through one matrix product an image ([`im2col`]).
+//! Convolutions on the CPU backends (flex, ndarray) through one matrix product an image
+//! ([`im2col`]), and the stem's max pooling ([`pool`]).
 //!
 //! Burn's flex convolution converts its input to channels-last and builds its im2col
 //! matrix tile by tile; on ResNet's early layers (64 channels at 32x32, batch 64) that runs at
@@ -14,9 +15,9 @@
 //! - In training ([`conv`]), the convolution is a backend extension ([`conv::Im2colConv`])
 //!   with its own backward step; BatchNorm and ReLU stay Burn's.
 //!
-//! It applies to ungrouped, undilated, bias-free f32 convolutions on `Device::flex()` (with
-//! or without autodiff); everything else (other backends, ResNeXt's grouped and dilated
-//! convolutions) goes through Burn's `Conv2d` and `BatchNorm`.
+//! It applies to ungrouped, undilated, bias-free f32 convolutions on `Device::flex()` and
+//! `Device::ndarray()` (with or without autodiff); everything else (other backends,
+//! ResNeXt's grouped and dilated convolutions) goes through Burn's `Conv2d` and `BatchNorm`.
 
 mod conv;
 mod im2col;
@@ -50,10 +51,10 @@ fn on_host(device: &Device) -> bool {
 /// The im2col geometry of `conv` on `x`, if the computation applies: f32 on a CPU backend
 /// ([`on_host`]).
 fn applies(conv: &Conv2d, x: &Tensor<4>) -> Option<Im2col> {
-    let on_host = on_host(&x.device());
-    (on_host && x.dtype() == DType::F32 && conv.weight.dtype() == DType::F32)
-        .then(|| Im2col::for_conv(conv, x.dims()))
-        .flatten()
+    if !on_host(&x.device()) || x.dtype() != DType::F32 || conv.weight.dtype() != DType::F32 {
+        return None;
+    }
+    Im2col::for_conv(conv, x.dims(), symmetric_padding(&conv.padding)?)
 }
 
 /// `conv(x)`, through im2col + gemm where it applies (in training too), else Burn's.
@@ -106,18 +107,11 @@ pub(crate) fn fused(
     }))
 }
 
-/// `pool(x)` in inference on flex through [`MaxPool`] where it applies (f32, no dilation,
-/// floor rounding, symmetric padding), else Burn's.
+/// `pool(x)` in inference on a CPU backend through [`MaxPool`] where it applies (f32, no
+/// dilation, floor rounding, symmetric padding), else Burn's.
 pub(crate) fn max_pool(pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
     let inference = on_host(&x.device()) && !x.device().is_autodiff();
-    let padding = match pool.padding {
-        PaddingConfig2d::Valid => Some([0, 0]),
-        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
-            Some([top, left])
-        }
-        _ => None,
-    };
-    let geometry = padding
+    let geometry = symmetric_padding(&pool.padding)
         .filter(|_| {
             inference && x.dtype() == DType::F32 && pool.dilation == [1, 1] && !pool.ceil_mode
         })
@@ -131,6 +125,23 @@ pub(crate) fn max_pool(pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
         )),
         None => pool.forward(x),
     }
+}
+
+/// `[vertical, horizontal]` padding, if it is the same on both sides of each axis.
+fn symmetric_padding(padding: &PaddingConfig2d) -> Option<[usize; 2]> {
+    match *padding {
+        PaddingConfig2d::Valid => Some([0, 0]),
+        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
+            Some([top, left])
+        }
+        _ => None,
+    }
+}
+
+/// The output size along one axis of a window of `kernel` moved by `stride` over `size`
+/// values padded by `padding` on both sides (floor rounding), if the window fits.
+fn output_size(size: usize, kernel: usize, stride: usize, padding: usize) -> Option<usize> {
+    (stride > 0 && size + 2 * padding >= kernel).then(|| (size + 2 * padding - kernel) / stride + 1)
 }
 
 /// BatchNorm in evaluation as a per-channel `x * scale + shift`, then ReLU if `relu`.

@@ -5,6 +5,8 @@
 
 use rayon::prelude::*;
 
+use super::output_size;
+
 /// The geometry of a max pooling (no dilation, floor rounding, symmetric padding, which
 /// counts as -infinity as in PyTorch).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,11 +31,13 @@ impl MaxPool {
         padding: [usize; 2],
     ) -> Option<Self> {
         let [batch, channels, height, width] = input;
-        let out = |size: usize, k: usize, s: usize, p: usize| {
-            (s > 0 && k > 0 && 2 * p <= k && size + 2 * p >= k).then(|| (size + 2 * p - k) / s + 1)
+        let out = |axis: usize, size: usize| {
+            let (k, p) = (kernel[axis], padding[axis]);
+            (k > 0 && 2 * p <= k)
+                .then(|| output_size(size, k, stride[axis], p))
+                .flatten()
         };
-        let out_height = out(height, kernel[0], stride[0], padding[0])?;
-        let out_width = out(width, kernel[1], stride[1], padding[1])?;
+        let (out_height, out_width) = (out(0, height)?, out(1, width)?);
         (batch * channels * out_height * out_width > 0).then_some(Self {
             planes: batch * channels,
             height,
