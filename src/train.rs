@@ -191,6 +191,9 @@ pub struct Summary {
     pub train_images: usize,
     /// Test images used.
     pub test_images: usize,
+    /// Seconds from the start of training (model built) to the end of this process's first
+    /// step: on a GPU mostly kernel compilation and autotuning.
+    pub first_step_seconds: f64,
 }
 
 /// A loss that is NaN or infinite: the run stops, the last checkpoint stays as it was.
@@ -284,6 +287,7 @@ pub fn train(
     let checkpoint_path = artifact_dir.join("checkpoint.bin");
     let autodiff = replicas.main_device().clone();
     device.seed(options.seed);
+    let process_started = Instant::now();
     let mut model = config.init(&autodiff);
     initialize(&model);
     let mut optimizer = options.optimizer()?;
@@ -325,6 +329,7 @@ pub fn train(
     let total_steps = steps_per_epoch * options.epochs;
     let eval_loss = loss_fn(0.0, device);
     let mut steps_this_process = 0;
+    let mut first_step_seconds = None;
 
     while state.epoch < options.epochs {
         let epoch = state.epoch;
@@ -362,6 +367,16 @@ pub fn train(
             state.correct += correct as u64;
             state.seen += batch;
             steps_this_process += 1;
+            if first_step_seconds.is_none() {
+                let seconds = process_started.elapsed().as_secs_f64();
+                first_step_seconds = Some(seconds);
+                bar.suspend(|| {
+                    println!(
+                        "first step done {seconds:.1}s after the model was built \
+                         (kernel compilation and autotuning on a GPU)"
+                    )
+                });
+            }
             bar.inc(1);
             let seconds = state.epoch_seconds + started.elapsed().as_secs_f64();
             bar.set_message(format!(
@@ -453,6 +468,7 @@ pub fn train(
         &model,
         train.len(),
         test.len(),
+        first_step_seconds.unwrap_or(0.0),
     );
     write_atomic(
         &artifact_dir.join("summary.json"),
@@ -502,6 +518,7 @@ fn summarize(
     model: &ResNet,
     train_images: usize,
     test_images: usize,
+    first_step_seconds: f64,
 ) -> Summary {
     let train_seconds: f64 = history.iter().map(|m| m.seconds).sum();
     let images: f64 = history
@@ -523,6 +540,7 @@ fn summarize(
         trainable_params: model.trainable_params(),
         train_images,
         test_images,
+        first_step_seconds,
     }
 }
 
