@@ -4,6 +4,11 @@ images/s for each case and backend with the ratio Burn / PyTorch.
 
     python3 benches/compare.py [--backends flex,ndarray,wgpu] [--cases resnet18_cifar]
     python3 benches/compare.py --bench layers [--backends flex]
+    python3 benches/compare.py --backends wgpu --torch-device cuda --bench-binary PATH
+
+With --bench-binary, a bench built elsewhere (`cargo bench --bench resnet --no-run` prints its
+path) runs without cargo, e.g. on a GPU machine; criterion then writes under $CRITERION_HOME
+(default ./criterion-results).
 
 Burn's figures come from criterion (`cargo bench --bench resnet` or `--bench layers`), read
 back from
@@ -56,6 +61,7 @@ def main():
     parser.add_argument("--cases", default="resnet18_cifar,resnet50_224")
     parser.add_argument("--torch-device", default="cpu")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    parser.add_argument("--bench-binary", default=None, help="a prebuilt criterion bench to run instead of cargo bench")
     args = parser.parse_args()
 
     layers = args.bench == "layers"
@@ -63,9 +69,14 @@ def main():
     backends = args.backends.split(",")
     env = dict(os.environ, BENCH_BACKENDS=args.backends)
     filter_regex = "(" + "|".join(cases) + ")/(" + "|".join(backends) + ")$"
-    subprocess.run(["cargo", "bench", "--bench", args.bench, "--", filter_regex], cwd=ROOT, env=env, check=True)
+    if args.bench_binary:
+        criterion = pathlib.Path(env.setdefault("CRITERION_HOME", str(pathlib.Path("criterion-results").resolve())))
+        subprocess.run([args.bench_binary, "--bench", filter_regex], env=env, check=True)
+    else:
+        criterion = target_dir() / "criterion"
+        subprocess.run(["cargo", "bench", "--bench", args.bench, "--", filter_regex], cwd=ROOT, env=env, check=True)
 
-    torch_json = ROOT / "target-pytorch.json"
+    torch_json = pathlib.Path("target-pytorch.json").resolve()
     subprocess.run(
         [sys.executable, str(ROOT / "benches/pytorch_reference.py"), "--device", args.torch_device,
          "--json", str(torch_json), "--cases", ",".join(cases)] + (["--layers"] if layers else []),
@@ -74,7 +85,6 @@ def main():
     torch_results = json.loads(torch_json.read_text())
     torch_json.unlink()
 
-    criterion = target_dir() / "criterion"
     rows = ["| case | backend | Burn images/s | PyTorch images/s | Burn / PyTorch |", "|---|---|---:|---:|---:|"]
     batches = {f"layer/{name}": LAYER_BATCH for name in LAYERS} if layers else BATCH
     for case in batches:

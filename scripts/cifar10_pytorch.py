@@ -7,6 +7,7 @@ linear warm-up then cosine per step, label smoothing, crop + flip, the same data
         --limit-train 2000 --limit-test 1000 --epochs 2
 """
 import argparse
+import json
 import math
 import pathlib
 import time
@@ -51,7 +52,13 @@ def main():
     p.add_argument("--limit-test", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--tf32", action="store_true",
+                   help="let cuDNN and cuBLAS use TF32 (PyTorch's default for convolutions); "
+                        "off by default: the comparison is in strict fp32 like Burn's")
+    p.add_argument("--json", default=None, help="write per-epoch metrics and images/s here")
     args = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     device = torch.device(args.device)
@@ -71,6 +78,7 @@ def main():
     lr_at = lambda s: args.lr * (s + 1) / warmup if s < warmup else 0.5 * args.lr * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     step = 0
+    history = []
     for epoch in range(args.epochs):
         model.train()
         order = rng.permutation(len(train_x))
@@ -97,6 +105,13 @@ def main():
             for b in range(0, len(test_x), 500):
                 x = torch.from_numpy((test_x[b:b + 500].astype(np.float32) - MEAN) / STD).to(device)
                 hits += (model(x).argmax(1).cpu() == torch.from_numpy(test_y[b:b + 500])).sum().item()
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+                        "test_accuracy": hits / len(test_x), "seconds": seconds, "images_per_second": seen / seconds})
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps({
+                "torch": torch.__version__, "device": str(device),
+                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                "tf32": args.tf32, "batch_size": args.batch_size, "epochs": history}, indent=1))
         print(f"epoch {epoch + 1}: train loss {loss_sum / seen:.4f} acc {100 * correct / seen:.2f}%  "
               f"test acc {100 * hits / len(test_x):.2f}%  {seconds:.1f}s  {seen / seconds:.0f} img/s", flush=True)
 

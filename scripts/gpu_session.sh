@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 5 and 6, as two calls of the device tool (see ../shared/GPU.md and
+# the tool's README): the session has 15 minutes of device time and each call carries 64 MiB,
+# so the binaries are built here and CIFAR-10 travels packed (scripts/cifar10_pack.py) in two
+# pieces, .device/call1 and .device/call2 (ignored folders, carried). What a call unpacks stays
+# in $WORK while the machine is warm (30 s between calls).
+#
+#   stage 1 (carry .gl .device/call1): GPU, binaries, 2.5 batches; criterion benches on wgpu
+#     against PyTorch on CUDA (benches/compare.py); a training probe (time to the first step
+#     with a cold autotune cache, steady images/s); ten steps with CubeCL's kernel profiler.
+#   stage 2 (carry .device/call2): the rest of CIFAR-10; PyTorch's training images/s for the
+#     same model and batch (fp32 and TF32); ResNet-18 trained on the full set for as many
+#     epochs as fit in $TRAIN_SECONDS at the probe's speed.
+#
+# Building what stage 1 carries (here, x86-64 like the GPU machine):
+#   cargo build --release --example cifar10 && cargo bench --bench resnet --no-run
+#   strip, then: tar cf - cifar10.stripped resnet-bench.stripped |
+#     xz --x86 --lzma2=preset=9e,dict=192MiB > .device/call1/bin/bins.tar.xz
+#   python3 scripts/cifar10_pack.py pack ../shared/data/cifar-10-batches-bin DIR [--split 2]
+set -uo pipefail
+stage=${1:?usage: gpu_session.sh 1|2}
+OUT=${OUT:-/tmp/gpu-out}
+WORK=${WORK:-/root/gpu}
+BATCH=${BATCH:-256}
+LR=${LR:-0.2}
+EXTRA=${EXTRA:-}            # extra flags for the example (a local dry run uses --base-channels 8)
+BACKEND=${BACKEND:-wgpu}
+mkdir -p "$OUT" "$WORK/bin" "$WORK/cifar"
+export XDG_RUNTIME_DIR=/tmp RUST_BACKTRACE=1 PYTHONUNBUFFERED=1
+BIN=$WORK/bin/cifar10.stripped
+t0=$(date +%s)
+stamp() { echo "[$(($(date +%s) - t0))s] $*"; }
+
+if [ "$stage" = 1 ]; then
+    if command -v nvidia-smi >/dev/null; then
+        for f in .gl/*.deb; do dpkg -x "$f" /; done
+        ldconfig
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+    fi
+    python3 -c "import lzma, sys, tarfile; tarfile.open(fileobj=lzma.open(sys.argv[1])).extractall(sys.argv[2])" \
+        .device/call1/bin/bins.tar.xz "$WORK/bin" || exit 1
+    cp .device/call1/CIFAR10-SHA256SUMS "$WORK/"
+    python3 scripts/cifar10_pack.py unpack .device/call1/pk "$WORK/cifar" --sums "$WORK/CIFAR10-SHA256SUMS" || exit 1
+    stamp "unpacked"
+
+    # Criterion on wgpu and PyTorch on CUDA, same cases as on the CPU.
+    BENCH_BACKENDS=$BACKEND CRITERION_HOME=$WORK/criterion timeout 200 python3 benches/compare.py \
+        --backends "$BACKEND" --torch-device "${TORCH_DEVICE:-cuda}" \
+        --bench-binary "$WORK/bin/resnet-bench.stripped" --markdown "$OUT/bench-gpu.md" 2>&1 |
+        grep -v "^Benchmarking\|^Found\|^  [0-9]* (\|^$" | tee "$OUT/bench.log"
+    stamp "benches done"
+
+    # Training probe on the batches that are here (1, 2, 2 again as 3-5 and as the test set:
+    # speed only, its accuracy means nothing): time to the first step with a cold autotune
+    # cache, then steady images/s in the second epoch. The autotune cache it leaves
+    # (target/environment) serves stage 2.
+    P=$WORK/probe-data
+    mkdir -p "$P"
+    for i in 1 2 3 4 5; do ln -sf "$WORK/cifar/data_batch_$(( (i - 1) % 2 + 1 )).bin" "$P/data_batch_$i.bin"; done
+    ln -sf "$WORK/cifar/data_batch_2.bin" "$P/test_batch.bin"
+    timeout -k 10 -s INT 150 "$BIN" --backend "$BACKEND" --data-dir "$P" --epochs 2 --batch-size "$BATCH" \
+        --limit-train $((BATCH * ${PROBE_STEPS:-60})) --limit-test 2000 --no-progress $EXTRA \
+        --artifact-dir "$WORK/probe-run" 2>&1 | tee "$OUT/probe.log"
+    cp "$WORK/probe-run/metrics.csv" "$OUT/probe-metrics.csv"
+    stamp "probe done"
+
+    # Ten steps with CubeCL's profiler: one line per kernel with its duration.
+    mkdir -p .gpu-profile
+    printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\n' "$OUT/kernels.log" > .gpu-profile/cubecl.toml
+    (cd .gpu-profile && timeout -k 10 -s INT 60 "$BIN" --backend "$BACKEND" --data-dir "$P" --epochs 1 \
+        --batch-size "$BATCH" --limit-train $((BATCH * 10)) --limit-test 500 --no-progress $EXTRA \
+        --artifact-dir "$WORK/profile-run") > "$OUT/profile.log" 2>&1
+    tail -3 "$OUT/profile.log"
+    ls -la "$OUT"
+    stamp "stage 1 done"
+    exit 0
+fi
+
+# Stage 2.
+python3 scripts/cifar10_pack.py unpack .device/call2/pk "$WORK/cifar" --sums "$WORK/CIFAR10-SHA256SUMS" || exit 1
+ls "$WORK/cifar"
+stamp "unpacked"
+
+# PyTorch, same model, batch and recipe, same GPU: strict fp32 (as Burn), then TF32.
+if [ "${TORCH_DEVICE:-cuda}" = cuda ]; then
+    for mode in fp32 tf32; do
+        python3 scripts/cifar10_pytorch.py --device cuda --data-dir "$WORK/cifar" --epochs 2 \
+            --batch-size "$BATCH" --lr "$LR" --limit-train 25600 --limit-test 2000 \
+            --json "$OUT/pytorch-$mode.json" $([ $mode = tf32 ] && echo --tf32) 2>&1 | tee -a "$OUT/pytorch.log"
+    done
+    stamp "pytorch done"
+fi
+
+# As many epochs as fit: the probe's speed, a whole test pass (~5x faster than training) and
+# 30 s for the start (warm autotune cache) and the final save.
+budget=${TRAIN_SECONDS:-400}
+ips=$(awk -F, 'NR > 1 { v = $8 } END { print v }' "$WORK/probe-run/metrics.csv" 2>/dev/null)
+ips=${ips:-1000}
+epochs=${EPOCHS:-$(awk -v ips="$ips" -v budget="$budget" 'BEGIN {
+    epoch = 50000 / ips + 10000 / (5 * ips); e = int((budget - 30) / epoch); print (e < 1 ? 1 : e) }')}
+stamp "training $epochs epochs in at most ${budget}s"
+timeout -k 20 -s INT "$budget" "$BIN" --backend "$BACKEND" --data-dir "$WORK/cifar" --epochs "$epochs" \
+    --batch-size "$BATCH" --lr "$LR" --no-progress $EXTRA --artifact-dir "$WORK/run" 2>&1 | tee "$OUT/train.log"
+for f in metrics.csv summary.json config.json curves.png; do
+    [ -f "$WORK/run/$f" ] && cp "$WORK/run/$f" "$OUT/"
+done
+ls -la "$OUT"
+stamp "stage 2 done"
