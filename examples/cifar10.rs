@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use burn::tensor::{Device, DeviceKind};
 use cifar10_burn::{Cifar10Dataset, Split};
 use clap::Parser;
-use resnet_burn::ResNetConfig;
+use resnet_burn::{GpuConv, ResNetConfig, set_gpu_conv};
 use resnet_burn_examples::train::{Control, Outcome, TrainOptions, train};
 
 /// One device of `--backend`.
@@ -140,6 +140,18 @@ struct Args {
     /// No progress bars (logs).
     #[arg(long)]
     no_progress: bool,
+    /// Convolutions on a GPU backend: burn (Burn's kernels) or im2col (im2col + matrix
+    /// product, see resnet_burn::GpuConv). Default: $RESNET_BURN_GPU_CONV, else burn.
+    #[arg(long, value_parser = parse_gpu_conv)]
+    gpu_conv: Option<GpuConv>,
+}
+
+fn parse_gpu_conv(text: &str) -> Result<GpuConv, String> {
+    match text {
+        "burn" => Ok(GpuConv::Burn),
+        "im2col" => Ok(GpuConv::Im2col),
+        _ => Err(format!("{text:?}: use burn or im2col")),
+    }
 }
 
 fn main() -> Result<()> {
@@ -151,13 +163,19 @@ fn main() -> Result<()> {
             ResNetConfig::PRESETS
         );
     }
+    if let Some(choice) = args.gpu_conv {
+        set_gpu_conv(choice);
+    }
     let devices = args
         .backend
         .iter()
         .map(|&backend| pick_device(backend))
         .collect::<Result<Vec<_>>>()?;
     match devices.as_slice() {
-        [device] => println!("device: {device:?}"),
+        [device] => println!(
+            "device: {device:?} (GPU convolutions: {:?})",
+            resnet_burn::gpu_conv()
+        ),
         _ => println!("devices (data parallel): {devices:?}"),
     }
 

@@ -22,11 +22,18 @@ pub(crate) fn conv_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, relu: bool) -
     if relu { activation::relu(out) } else { out }
 }
 
-/// `conv(x)`; on the CPU backends through [`crate::cpu::conv`].
+/// `conv(x)`: on the CPU backends through [`crate::cpu::conv`], on the others through
+/// [`crate::gpu::conv_im2col`] when [`crate::gpu_conv`] asks for it, else Burn's.
 fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     #[cfg(any(feature = "flex", feature = "ndarray"))]
-    return crate::cpu::conv(conv, x);
-    #[cfg(not(any(feature = "flex", feature = "ndarray")))]
+    if crate::cpu::on_host(&x.device()) {
+        return crate::cpu::conv(conv, x);
+    }
+    if crate::gpu_conv() == crate::GpuConv::Im2col
+        && let Some(out) = crate::gpu::conv_im2col(conv, &x)
+    {
+        return out;
+    }
     conv.forward(x)
 }
 

@@ -44,6 +44,8 @@ pub mod block;
 pub mod config;
 #[cfg(any(feature = "flex", feature = "ndarray"))]
 mod cpu;
+mod geometry;
+mod gpu;
 #[cfg(feature = "pretrained")]
 pub mod pretrained;
 mod pth;
@@ -52,6 +54,7 @@ pub mod torchvision;
 
 pub use block::{BasicBlock, Bottleneck, Downsample, ResidualBlock};
 pub use config::{BlockKind, ConfigError, ResNetConfig, Stem};
+pub use gpu::{GpuConv, gpu_conv, set_gpu_conv};
 pub use resnet::{InputError, ResNet};
 pub use torchvision::{ImportError, LoadOptions, StateDictEntry};
 

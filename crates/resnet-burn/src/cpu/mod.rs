@@ -24,10 +24,12 @@ mod im2col;
 mod pool;
 
 use burn::backend::Dispatch;
+use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;
-use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::tensor::{DType, Device, Tensor};
+
+use crate::geometry::{output_size, symmetric_padding};
 
 use conv::{CpuInference, Im2colConv};
 use im2col::Im2col;
@@ -36,7 +38,7 @@ use pool::MaxPool;
 /// Whether `device` is one of the CPU backends with the host kernels (with or without
 /// autodiff: an autodiff device compares equal to the device it wraps).
 #[allow(deprecated)] // Burn 0.22 deprecates ndarray; this crate still supports it.
-fn on_host(device: &Device) -> bool {
+pub(crate) fn on_host(device: &Device) -> bool {
     #[cfg(feature = "flex")]
     if *device == Device::flex() {
         return true;
@@ -127,23 +129,6 @@ pub(crate) fn max_pool(pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
     }
 }
 
-/// `[vertical, horizontal]` padding, if it is the same on both sides of each axis.
-fn symmetric_padding(padding: &PaddingConfig2d) -> Option<[usize; 2]> {
-    match *padding {
-        PaddingConfig2d::Valid => Some([0, 0]),
-        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
-            Some([top, left])
-        }
-        _ => None,
-    }
-}
-
-/// The output size along one axis of a window of `kernel` moved by `stride` over `size`
-/// values padded by `padding` on both sides (floor rounding), if the window fits.
-fn output_size(size: usize, kernel: usize, stride: usize, padding: usize) -> Option<usize> {
-    (stride > 0 && size + 2 * padding >= kernel).then(|| (size + 2 * padding - kernel) / stride + 1)
-}
-
 /// BatchNorm in evaluation as a per-channel `x * scale + shift`, then ReLU if `relu`.
 #[derive(Clone, Debug)]
 pub(crate) struct Affine {
@@ -224,9 +209,9 @@ mod tests {
         ])
     }
     use burn::module::{Param, RunningState};
-    use burn::nn::BatchNormConfig;
     use burn::nn::conv::Conv2dConfig;
     use burn::nn::pool::MaxPool2dConfig;
+    use burn::nn::{BatchNormConfig, PaddingConfig2d};
     use burn::tensor::activation::relu;
     use burn::tensor::{Distribution, TensorData};
 

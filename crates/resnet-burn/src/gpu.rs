@@ -1,0 +1,219 @@
+//! Convolutions on the GPU backends as im2col + one batched matrix product, in Burn tensor ops.
+//!
+//! On an H200 through wgpu (Burn 0.22.1, f32), Burn's autotune runs ResNet-18's 3x3
+//! forward convolutions with its direct kernel: about 9 ms each at batch 256, 150 ms of a
+//! 208 ms training step, while the backward's matrix products for the same layers take about
+//! 1 ms (CubeCL's kernel profiler, `scripts/gpu_session.sh`, BENCHMARKS.md). Its other
+//! forward candidates are implicit GEMMs on tensor cores, which f32 on Vulkan does not get,
+//! and a 1x1-only im2col. Here the convolution is written as what the backward already does
+//! well: the `k * k` shifted (strided) views of the padded input stacked into
+//! `[batch, in_channels * k * k, out_h * out_w]`, multiplied by the weight as
+//! `[1, out_channels, in_channels * k * k]`. Autodiff differentiates it like any tensor code.
+//!
+//! It is opt-in ([`set_gpu_conv`], or `RESNET_BURN_GPU_CONV=im2col`) until its speed has been
+//! measured on a GPU; the CPU backends have their own kernels ([`crate::cpu`]) and never use it.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use burn::nn::conv::Conv2d;
+use burn::tensor::ops::PadMode;
+use burn::tensor::{Slice, Tensor};
+
+use crate::geometry::{output_size, symmetric_padding};
+
+/// How [`crate::ResNet`] computes its convolutions on a GPU backend (wgpu, cuda, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GpuConv {
+    /// Burn's `Conv2d` (its autotuned kernels).
+    #[default]
+    Burn,
+    /// im2col + one batched matrix product in Burn tensor ops (ungrouped, undilated
+    /// convolutions larger than 1x1; the others stay Burn's).
+    Im2col,
+}
+
+const UNSET: u8 = u8::MAX;
+static GPU_CONV: AtomicU8 = AtomicU8::new(UNSET);
+
+/// Chooses how convolutions run on GPU backends, for the whole process. Without a call the
+/// choice is read once from `RESNET_BURN_GPU_CONV` (`burn` or `im2col`; default `burn`).
+pub fn set_gpu_conv(choice: GpuConv) {
+    GPU_CONV.store(choice as u8, Ordering::Relaxed);
+}
+
+/// The current choice (see [`set_gpu_conv`]).
+pub fn gpu_conv() -> GpuConv {
+    match GPU_CONV.load(Ordering::Relaxed) {
+        UNSET => {
+            let choice = match std::env::var("RESNET_BURN_GPU_CONV").as_deref() {
+                Ok("im2col") => GpuConv::Im2col,
+                _ => GpuConv::Burn,
+            };
+            // A concurrent first call stores the same value.
+            GPU_CONV.store(choice as u8, Ordering::Relaxed);
+            choice
+        }
+        v if v == GpuConv::Im2col as u8 => GpuConv::Im2col,
+        _ => GpuConv::Burn,
+    }
+}
+
+/// `conv(x)` as im2col + matrix product when `conv` is ungrouped, undilated, bias-free,
+/// symmetrically padded and larger than 1x1, and its window fits; `None` otherwise.
+pub(crate) fn conv_im2col(conv: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
+    let [out_channels, in_channels, kh, kw] = conv.weight.dims();
+    let [batch, channels, height, width] = x.dims();
+    let plain = conv.groups == 1 && conv.dilation == [1, 1] && conv.bias.is_none();
+    if !plain || kh * kw == 1 || channels != in_channels {
+        return None;
+    }
+    let [ph, pw] = symmetric_padding(&conv.padding)?;
+    let [sh, sw] = conv.stride;
+    let out_h = output_size(height, kh, sh, ph)?;
+    let out_w = output_size(width, kw, sw, pw)?;
+    let padded = if ph + pw == 0 {
+        x.clone()
+    } else {
+        x.clone().pad([(ph, ph), (pw, pw)], PadMode::Constant(0.0))
+    };
+    // Tap (ky, kx) of every output position: rows ky, ky + sh, ...; columns likewise.
+    let window = |start: usize, count: usize, step: usize| {
+        Slice::new(
+            start as isize,
+            Some((start + (count - 1) * step + 1) as isize),
+            step as isize,
+        )
+    };
+    let taps: Vec<Tensor<4>> = (0..kh)
+        .flat_map(|ky| (0..kw).map(move |kx| (ky, kx)))
+        .map(|(ky, kx)| {
+            padded.clone().slice([
+                Slice::full(),
+                Slice::full(),
+                window(ky, out_h, sh),
+                window(kx, out_w, sw),
+            ])
+        })
+        .collect();
+    // [batch, in_channels, k*k, out_h, out_w]: row (c, ky, kx) as in the weight's layout.
+    let columns =
+        Tensor::stack::<5>(taps, 2).reshape([batch, in_channels * kh * kw, out_h * out_w]);
+    let weight = conv
+        .weight
+        .val()
+        .reshape([1, out_channels, in_channels * kh * kw]);
+    Some(
+        weight
+            .matmul(columns)
+            .reshape([batch, out_channels, out_h, out_w]),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::PaddingConfig2d;
+    use burn::nn::conv::Conv2dConfig;
+    use burn::tensor::{Device, Distribution};
+
+    /// Every backend compiled in, and whether it is a GPU backend (wgpu on the default
+    /// adapter: lavapipe, on the CPU, in CI).
+    #[allow(deprecated)]
+    fn devices() -> Vec<(Device, bool)> {
+        Vec::from([
+            #[cfg(feature = "flex")]
+            (Device::flex(), false),
+            #[cfg(feature = "ndarray")]
+            (Device::ndarray(), false),
+            #[cfg(feature = "wgpu")]
+            (Device::wgpu(burn::tensor::DeviceKind::DefaultDevice), true),
+        ])
+    }
+
+    /// The largest difference relative to the largest magnitude of `expected`.
+    fn relative_difference<const D: usize>(got: Tensor<D>, expected: Tensor<D>) -> f32 {
+        let scale: f32 = expected.clone().abs().max().into_scalar();
+        let difference: f32 = (got - expected).abs().max().into_scalar();
+        difference / scale.max(f32::MIN_POSITIVE)
+    }
+
+    /// The output and both gradients against Burn's `Conv2d` and its backward, for every
+    /// geometry ResNet uses and a non-square one, on every device.
+    #[test]
+    fn im2col_matches_burns_convolution_and_gradients() {
+        // batch, in, out, kernel, stride, padding, height, width
+        let cases = [
+            (3, 8, 16, 3, 1, 1, 9, 9),  // ResNet's 3x3
+            (3, 8, 16, 3, 2, 1, 9, 9),  // stride 2, odd side
+            (2, 8, 16, 3, 2, 1, 8, 8),  // stride 2, even side
+            (2, 3, 8, 7, 2, 3, 21, 21), // ImageNet stem
+            (1, 3, 8, 3, 1, 1, 6, 6),   // CIFAR stem, one image
+            (2, 4, 4, 3, 1, 0, 5, 7),   // no padding, not square
+        ];
+        for (device, gpu) in devices() {
+            // lavapipe (wgpu on the CPU in CI) compiles every shape's kernels slowly: the
+            // first three cases (3x3 at stride 1 and 2) there, all of them on the CPU backends.
+            let count = if gpu { 3 } else { cases.len() };
+            let device = device.autodiff();
+            for &(batch, cin, cout, k, stride, padding, h, w) in &cases[..count] {
+                let conv = Conv2dConfig::new([cin, cout], [k, k])
+                    .with_stride([stride, stride])
+                    .with_padding(PaddingConfig2d::Explicit(
+                        padding, padding, padding, padding,
+                    ))
+                    .with_bias(false)
+                    .init(&device);
+                let x = Tensor::<4>::random(
+                    [batch, cin, h, w],
+                    Distribution::Normal(0.0, 1.0),
+                    &device,
+                )
+                .require_grad();
+                let expected = conv.forward(x.clone());
+                let got = conv_im2col(&conv, &x).expect("applies");
+                assert_eq!(got.dims(), expected.dims());
+                let weights =
+                    Tensor::<4>::random(expected.dims(), Distribution::Normal(0.0, 1.0), &device);
+                let grads_expected = (expected.clone() * weights.clone()).sum().backward();
+                let grads_got = (got.clone() * weights).sum().backward();
+                let case = format!(
+                    "{device:?} {batch}x{cin}x{h}x{w}, {cout} {k}x{k}/{stride} pad {padding}"
+                );
+                let output = relative_difference(got.inner(), expected.inner());
+                assert!(output < 1e-5, "{case}: output differs by {output}");
+                let dx = relative_difference(
+                    x.grad(&grads_got).expect("x grad"),
+                    x.grad(&grads_expected).expect("x grad"),
+                );
+                assert!(dx < 1e-5, "{case}: input gradient differs by {dx}");
+                let dw = relative_difference(
+                    conv.weight.grad(&grads_got).expect("weight grad"),
+                    conv.weight.grad(&grads_expected).expect("weight grad"),
+                );
+                assert!(dw < 1e-5, "{case}: weight gradient differs by {dw}");
+            }
+        }
+    }
+
+    /// Grouped, dilated and 1x1 convolutions are left to Burn.
+    #[test]
+    fn declines_what_it_does_not_compute() {
+        let (device, _) = devices().remove(0);
+        let x = Tensor::<4>::zeros([1, 4, 6, 6], &device);
+        let grouped = Conv2dConfig::new([4, 4], [3, 3])
+            .with_groups(2)
+            .with_bias(false)
+            .init(&device);
+        let dilated = Conv2dConfig::new([4, 4], [3, 3])
+            .with_dilation([2, 2])
+            .with_bias(false)
+            .init(&device);
+        let pointwise = Conv2dConfig::new([4, 4], [1, 1])
+            .with_bias(false)
+            .init(&device);
+        let biased = Conv2dConfig::new([4, 4], [3, 3]).init(&device);
+        for conv in [grouped, dilated, pointwise, biased] {
+            assert!(conv_im2col(&conv, &x).is_none());
+        }
+    }
+}
