@@ -12,6 +12,9 @@
 #     same model and batch (fp32 and TF32); ResNet-18 trained on the full set for as many
 #     epochs as fit in $TRAIN_SECONDS at the probe's speed.
 #
+# RESNET_BURN_GPU_CONV=im2col in the environment makes the benches and the example use
+# resnet-burn's im2col convolutions (resnet_burn::GpuConv) instead of Burn's.
+#
 # Building what stage 1 carries (here, x86-64 like the GPU machine):
 #   cargo build --release --example cifar10 && cargo bench --bench resnet --no-run
 #   strip, then: tar cf - cifar10.stripped resnet-bench.stripped |
@@ -44,7 +47,7 @@ if [ "$stage" = 1 ]; then
     stamp "unpacked"
 
     # Criterion on wgpu and PyTorch on CUDA, same cases as on the CPU.
-    BENCH_BACKENDS=$BACKEND CRITERION_HOME=$WORK/criterion timeout 200 python3 benches/compare.py \
+    BENCH_BACKENDS=$BACKEND CRITERION_HOME=$WORK/criterion timeout 300 python3 benches/compare.py \
         --backends "$BACKEND" --torch-device "${TORCH_DEVICE:-cuda}" \
         --bench-binary "$WORK/bin/resnet-bench.stripped" --markdown "$OUT/bench-gpu.md" 2>&1 |
         grep -v "^Benchmarking\|^Found\|^  [0-9]* (\|^$" | tee "$OUT/bench.log"
@@ -91,13 +94,14 @@ if [ "${TORCH_DEVICE:-cuda}" = cuda ]; then
     stamp "pytorch done"
 fi
 
-# As many epochs as fit: the probe's speed, a whole test pass (~5x faster than training) and
-# 30 s for the start (warm autotune cache) and the final save.
+# As many epochs as fit: the probe's speed, a whole test pass (on the H200 on 2026-11-28 it ran
+# at about 1.3x the training speed: 6.5 s for 10,000 images) and 40 s for the start (warm
+# autotune cache: 26 s to the first step) and the final save.
 budget=${TRAIN_SECONDS:-400}
 ips=$(awk -F, 'NR > 1 { v = $8 } END { print v }' "$WORK/probe-run/metrics.csv" 2>/dev/null)
 ips=${ips:-1000}
 epochs=${EPOCHS:-$(awk -v ips="$ips" -v budget="$budget" 'BEGIN {
-    epoch = 50000 / ips + 10000 / (5 * ips); e = int((budget - 30) / epoch); print (e < 1 ? 1 : e) }')}
+    epoch = 50000 / ips + 10000 / (1.2 * ips); e = int((budget - 40) / epoch); print (e < 1 ? 1 : e) }')}
 stamp "training $epochs epochs in at most ${budget}s"
 timeout -k 20 -s INT "$budget" "$BIN" --backend "$BACKEND" --data-dir "$WORK/cifar" --epochs "$epochs" \
     --batch-size "$BATCH" --lr "$LR" --no-progress $EXTRA --artifact-dir "$WORK/run" 2>&1 | tee "$OUT/train.log"
