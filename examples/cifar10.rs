@@ -172,11 +172,13 @@ fn main() -> Result<()> {
         .map(|&backend| pick_device(backend))
         .collect::<Result<Vec<_>>>()?;
     match devices.as_slice() {
-        [device] => println!(
-            "device: {device:?} (GPU convolutions: {:?})",
-            resnet_burn::gpu_conv()
-        ),
+        [device] => println!("device: {device:?}"),
         _ => println!("devices (data parallel): {devices:?}"),
+    }
+    #[allow(deprecated)] // ndarray: deprecated by Burn 0.22, still supported
+    let on_cpu = |d: &Device| *d == Device::flex() || *d == Device::ndarray();
+    if !devices.iter().all(on_cpu) {
+        println!("GPU convolutions: {:?}", resnet_burn::gpu_conv());
     }
 
     let data_dir = data_dir(args.data_dir.clone())?;

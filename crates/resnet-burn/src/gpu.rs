@@ -43,18 +43,36 @@ pub fn set_gpu_conv(choice: GpuConv) {
 
 /// The current choice (see [`set_gpu_conv`]).
 pub fn gpu_conv() -> GpuConv {
-    match GPU_CONV.load(Ordering::Relaxed) {
-        UNSET => {
-            let choice = match std::env::var("RESNET_BURN_GPU_CONV").as_deref() {
-                Ok("im2col") => GpuConv::Im2col,
-                _ => GpuConv::Burn,
-            };
-            // A concurrent first call stores the same value.
-            GPU_CONV.store(choice as u8, Ordering::Relaxed);
-            choice
+    let mut value = GPU_CONV.load(Ordering::Relaxed);
+    if value == UNSET {
+        let choice = from_env() as u8;
+        // An explicit choice made meanwhile wins over the environment.
+        value = match GPU_CONV.compare_exchange(UNSET, choice, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => choice,
+            Err(current) => current,
+        };
+    }
+    if value == GpuConv::Im2col as u8 {
+        GpuConv::Im2col
+    } else {
+        GpuConv::Burn
+    }
+}
+
+/// `RESNET_BURN_GPU_CONV`: `im2col`, or `burn` (also when unset; any other value is reported
+/// on stderr and read as `burn`).
+fn from_env() -> GpuConv {
+    match std::env::var("RESNET_BURN_GPU_CONV").as_deref() {
+        Ok("im2col") => GpuConv::Im2col,
+        Ok("burn") | Err(_) => GpuConv::Burn,
+        Ok(other) => {
+            eprintln!(
+                "resnet-burn: RESNET_BURN_GPU_CONV={other:?} is neither \"burn\" nor \"im2col\"; \
+                 using Burn's convolutions"
+            );
+            GpuConv::Burn
         }
-        v if v == GpuConv::Im2col as u8 => GpuConv::Im2col,
-        _ => GpuConv::Burn,
     }
 }
 
@@ -193,6 +211,20 @@ mod tests {
                 assert!(dw < 1e-5, "{case}: weight gradient differs by {dw}");
             }
         }
+    }
+
+    /// An explicit choice holds for the process until the next one. (The only test that
+    /// sets it: the others call `conv_im2col` directly.)
+    #[test]
+    fn the_choice_is_explicit_and_process_wide() {
+        set_gpu_conv(GpuConv::Im2col);
+        assert_eq!(gpu_conv(), GpuConv::Im2col);
+        assert_eq!(
+            std::thread::spawn(gpu_conv).join().unwrap(),
+            GpuConv::Im2col
+        );
+        set_gpu_conv(GpuConv::Burn);
+        assert_eq!(gpu_conv(), GpuConv::Burn);
     }
 
     /// Grouped, dilated and 1x1 convolutions are left to Burn.
