@@ -191,8 +191,9 @@ pub struct Summary {
     pub train_images: usize,
     /// Test images used.
     pub test_images: usize,
-    /// Seconds from the start of training (model built) to the end of this process's first
-    /// step: on a GPU mostly kernel compilation and autotuning.
+    /// Seconds from the start of training (the model's construction included) to the end of
+    /// this process's first step, on a GPU mostly kernel compilation and autotuning; 0 if this
+    /// process took no step (a resumed run that was already complete).
     pub first_step_seconds: f64,
 }
 
@@ -287,7 +288,7 @@ pub fn train(
     let checkpoint_path = artifact_dir.join("checkpoint.bin");
     let autodiff = replicas.main_device().clone();
     device.seed(options.seed);
-    let process_started = Instant::now();
+    let training_started = Instant::now();
     let mut model = config.init(&autodiff);
     initialize(&model);
     let mut optimizer = options.optimizer()?;
@@ -368,12 +369,12 @@ pub fn train(
             state.seen += batch;
             steps_this_process += 1;
             if first_step_seconds.is_none() {
-                let seconds = process_started.elapsed().as_secs_f64();
+                let seconds = training_started.elapsed().as_secs_f64();
                 first_step_seconds = Some(seconds);
                 bar.suspend(|| {
                     println!(
-                        "first step done {seconds:.1}s after the model was built \
-                         (kernel compilation and autotuning on a GPU)"
+                        "first step done {seconds:.1}s after training started \
+                         (on a GPU mostly kernel compilation and autotuning)"
                     )
                 });
             }

@@ -1,7 +1,7 @@
 //! Convolutions on the GPU backends as im2col + one batched matrix product, in Burn tensor ops.
 //!
 //! On an H200 through wgpu (Burn 0.22.1, f32), Burn's autotune runs ResNet-18's 3x3
-//! forward convolutions with its direct kernel: about 9 ms each at batch 256, 150 ms of a
+//! forward convolutions with its direct kernel: 4.6-14.7 ms each at batch 256, 149 ms of a
 //! 208 ms training step, while the backward's matrix products for the same layers take about
 //! 1 ms (CubeCL's kernel profiler, `scripts/gpu_session.sh`, BENCHMARKS.md). Its other
 //! forward candidates are implicit GEMMs on tensor cores, which f32 on Vulkan does not get,
@@ -19,7 +19,7 @@ use burn::nn::conv::Conv2d;
 use burn::tensor::ops::PadMode;
 use burn::tensor::{Slice, Tensor};
 
-use crate::geometry::{output_size, symmetric_padding};
+use crate::geometry::{is_plain, output_size, symmetric_padding};
 
 /// How [`crate::ResNet`] computes its convolutions on a GPU backend (wgpu, cuda, ...).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -81,8 +81,7 @@ fn from_env() -> GpuConv {
 pub(crate) fn conv_im2col(conv: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
     let [out_channels, in_channels, kh, kw] = conv.weight.dims();
     let [batch, channels, height, width] = x.dims();
-    let plain = conv.groups == 1 && conv.dilation == [1, 1] && conv.bias.is_none();
-    if !plain || kh * kw == 1 || channels != in_channels {
+    if !is_plain(conv) || kh * kw == 1 || channels != in_channels {
         return None;
     }
     let [ph, pw] = symmetric_padding(&conv.padding)?;
@@ -130,30 +129,10 @@ pub(crate) fn conv_im2col(conv: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{devices, relative_difference};
     use burn::nn::PaddingConfig2d;
     use burn::nn::conv::Conv2dConfig;
-    use burn::tensor::{Device, Distribution};
-
-    /// Every backend compiled in, and whether it is a GPU backend (wgpu on the default
-    /// adapter: lavapipe, on the CPU, in CI).
-    #[allow(deprecated)]
-    fn devices() -> Vec<(Device, bool)> {
-        Vec::from([
-            #[cfg(feature = "flex")]
-            (Device::flex(), false),
-            #[cfg(feature = "ndarray")]
-            (Device::ndarray(), false),
-            #[cfg(feature = "wgpu")]
-            (Device::wgpu(burn::tensor::DeviceKind::DefaultDevice), true),
-        ])
-    }
-
-    /// The largest difference relative to the largest magnitude of `expected`.
-    fn relative_difference<const D: usize>(got: Tensor<D>, expected: Tensor<D>) -> f32 {
-        let scale: f32 = expected.clone().abs().max().into_scalar();
-        let difference: f32 = (got - expected).abs().max().into_scalar();
-        difference / scale.max(f32::MIN_POSITIVE)
-    }
+    use burn::tensor::Distribution;
 
     /// The output and both gradients against Burn's `Conv2d` and its backward, for every
     /// geometry ResNet uses and a non-square one, on every device.

@@ -50,6 +50,8 @@ mod gpu;
 pub mod pretrained;
 mod pth;
 pub mod resnet;
+#[cfg(test)]
+mod testing;
 pub mod torchvision;
 
 pub use block::{BasicBlock, Bottleneck, Downsample, ResidualBlock};

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 
-use super::output_size;
+use crate::geometry::{is_plain, output_size};
 
 /// The geometry of one convolution computed as im2col + gemm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,10 +32,9 @@ impl Im2col {
     /// The geometry of `conv` on an input of shape `input` (NCHW) with its (symmetric)
     /// `padding`, if these kernels compute it: ungrouped, undilated, bias-free.
     pub(crate) fn for_conv(conv: &Conv2d, input: [usize; 4], padding: [usize; 2]) -> Option<Self> {
-        if conv.groups != 1 || conv.dilation != [1, 1] || conv.bias.is_some() {
-            return None;
-        }
-        Self::new(input, conv.weight.dims(), conv.stride, padding)
+        is_plain(conv)
+            .then(|| Self::new(input, conv.weight.dims(), conv.stride, padding))
+            .flatten()
     }
 
     /// The geometry of a convolution of an NCHW input by an OIHW weight, if consistent.

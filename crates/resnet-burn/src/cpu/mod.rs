@@ -29,7 +29,7 @@ use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;
 use burn::tensor::{DType, Device, Tensor};
 
-use crate::geometry::{output_size, symmetric_padding};
+use crate::geometry::symmetric_padding;
 
 use conv::{CpuInference, Im2colConv};
 use im2col::Im2col;
@@ -197,17 +197,7 @@ impl Affine {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The CPU devices compiled in: the host kernels run on each.
-    #[allow(deprecated)]
-    fn host_devices() -> Vec<Device> {
-        Vec::from([
-            #[cfg(feature = "flex")]
-            Device::flex(),
-            #[cfg(feature = "ndarray")]
-            Device::ndarray(),
-        ])
-    }
+    use crate::testing::{host_devices, relative_difference};
     use burn::module::{Param, RunningState};
     use burn::nn::conv::Conv2dConfig;
     use burn::nn::pool::MaxPool2dConfig;
@@ -266,14 +256,6 @@ mod tests {
             device,
         );
         (conv, x)
-    }
-
-    /// The largest difference between two tensors, relative to the largest magnitude of
-    /// the second.
-    fn relative_difference<const D: usize>(got: Tensor<D>, expected: Tensor<D>) -> f32 {
-        let scale: f32 = expected.clone().abs().max().into_scalar();
-        let difference: f32 = (got - expected).abs().max().into_scalar();
-        difference / scale.max(f32::MIN_POSITIVE)
     }
 
     /// In training, the output and both gradients against Burn's convolution and its

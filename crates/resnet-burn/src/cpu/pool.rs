@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::output_size;
+use crate::geometry::output_size;
 
 /// The geometry of a max pooling (no dilation, floor rounding, symmetric padding, which
 /// counts as -infinity as in PyTorch).
