@@ -128,7 +128,8 @@ struct Args {
     /// Where the run writes its files.
     #[arg(long, default_value = "artifacts/cifar10")]
     artifact_dir: PathBuf,
-    /// Continue from the checkpoint in --artifact-dir (same options; --epochs may grow).
+    /// Continue from the checkpoint in --artifact-dir (same options; --epochs may grow,
+    /// --eval-every may change).
     #[arg(long)]
     resume: bool,
     /// Train on the first N training images only (quick runs).
@@ -137,6 +138,9 @@ struct Args {
     /// Evaluate on the first N test images only (quick runs).
     #[arg(long)]
     limit_test: Option<usize>,
+    /// Evaluate every N epochs (and after the last one), to save time on long runs.
+    #[arg(long, default_value_t = 1)]
+    eval_every: usize,
     /// No progress bars (logs).
     #[arg(long)]
     no_progress: bool,
@@ -215,6 +219,7 @@ fn main() -> Result<()> {
         seed: args.seed,
         limit_train: args.limit_train,
         limit_test: args.limit_test,
+        eval_every: args.eval_every,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let handler_stop = stop.clone();

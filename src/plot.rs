@@ -14,7 +14,8 @@ const GRID: [u8; 3] = [225, 225, 225];
 const TRAIN: [u8; 3] = [31, 119, 180];
 const TEST: [u8; 3] = [214, 39, 40];
 
-/// Renders the curves of `history` as a PNG file's bytes.
+/// Renders the curves of `history` as a PNG file's bytes; epochs not evaluated have no test
+/// point, and the test line joins the evaluated ones.
 pub fn curves(history: &[EpochMetrics]) -> Vec<u8> {
     let mut canvas = Canvas::new(WIDTH, HEIGHT);
     let epochs: Vec<f64> = history.iter().map(|m| m.epoch as f64).collect();
@@ -25,7 +26,7 @@ pub fn curves(history: &[EpochMetrics]) -> Vec<u8> {
         &epochs,
         &[
             (series(|m| m.train_loss), TRAIN),
-            (series(|m| m.test_loss), TEST),
+            (series(|m| m.test_loss.unwrap_or(f64::NAN)), TEST),
         ],
     );
     canvas.panel(
@@ -34,7 +35,10 @@ pub fn curves(history: &[EpochMetrics]) -> Vec<u8> {
         &epochs,
         &[
             (series(|m| 100.0 * m.train_accuracy), TRAIN),
-            (series(|m| 100.0 * m.test_accuracy), TEST),
+            (
+                series(|m| 100.0 * m.test_accuracy.unwrap_or(f64::NAN)),
+                TEST,
+            ),
         ],
     );
     canvas.png()

@@ -59,6 +59,14 @@ pub struct TrainOptions {
     pub limit_train: Option<usize>,
     /// Evaluate on the first N test images only.
     pub limit_test: Option<usize>,
+    /// Evaluate every N epochs (and always after the last one). It does not change what is
+    /// trained, so a resumed run may change it.
+    #[serde(default = "every_epoch")]
+    pub eval_every: usize,
+}
+
+fn every_epoch() -> usize {
+    1
 }
 
 impl Default for TrainOptions {
@@ -80,6 +88,7 @@ impl Default for TrainOptions {
             seed: 42,
             limit_train: None,
             limit_test: None,
+            eval_every: every_epoch(),
         }
     }
 }
@@ -139,10 +148,10 @@ pub struct EpochMetrics {
     pub train_loss: f64,
     /// Training accuracy over the epoch (augmented images, training-mode BatchNorm).
     pub train_accuracy: f64,
-    /// Mean test loss.
-    pub test_loss: f64,
-    /// Test accuracy.
-    pub test_accuracy: f64,
+    /// Mean test loss, if the epoch was evaluated (see [`TrainOptions::eval_every`]).
+    pub test_loss: Option<f64>,
+    /// Test accuracy, if the epoch was evaluated.
+    pub test_accuracy: Option<f64>,
     /// Wall-clock seconds of the epoch's training steps (evaluation excluded).
     pub seconds: f64,
     /// Training images per second.
@@ -153,15 +162,17 @@ impl EpochMetrics {
     const CSV_HEADER: &str =
         "epoch,lr,train_loss,train_accuracy,test_loss,test_accuracy,seconds,images_per_second";
 
+    /// A line of `metrics.csv`; the test cells are empty for an epoch not evaluated.
     fn csv_line(&self) -> String {
+        let cell = |value: Option<f64>| value.map_or(String::new(), |v| format!("{v:.6}"));
         format!(
-            "{},{:.6},{:.6},{:.6},{:.6},{:.6},{:.3},{:.1}",
+            "{},{:.6},{:.6},{:.6},{},{},{:.3},{:.1}",
             self.epoch,
             self.lr,
             self.train_loss,
             self.train_accuracy,
-            self.test_loss,
-            self.test_accuracy,
+            cell(self.test_loss),
+            cell(self.test_accuracy),
             self.seconds,
             self.images_per_second
         )
@@ -179,7 +190,7 @@ pub struct Summary {
     pub epochs: usize,
     /// Test accuracy after the last epoch.
     pub test_accuracy: f64,
-    /// Best test accuracy over the epochs.
+    /// Best test accuracy over the epochs evaluated.
     pub best_test_accuracy: f64,
     /// Seconds spent in training steps, over all epochs.
     pub train_seconds: f64,
@@ -254,7 +265,8 @@ struct RunState {
     options: Option<TrainOptions>,
 }
 
-/// Trains `options.model` on `train` and evaluates on `test` every epoch, writing
+/// Trains `options.model` on `train` and evaluates on `test` every `options.eval_every`
+/// epochs and after the last, writing
 /// `config.json`, `metrics.csv`, `curves.png`, `checkpoint.bin`, `model.bpk`,
 /// `model.safetensors` and `summary.json` into `artifact_dir`.
 ///
@@ -273,6 +285,9 @@ pub fn train(
     let Some(device) = devices.first() else {
         bail!("no device to train on");
     };
+    if options.eval_every == 0 {
+        bail!("--eval-every must be at least 1");
+    }
     if options.batch_size < devices.len() {
         bail!(
             "--batch-size {} is smaller than the number of devices ({}); each device needs \
@@ -407,31 +422,41 @@ pub fn train(
         let seconds = state.epoch_seconds + started.elapsed().as_secs_f64();
         bar.finish_and_clear();
 
-        let eval = evaluate(
-            &model.valid(),
-            &test,
-            options.eval_batch_size,
-            device,
-            &eval_loss,
-        );
+        let evaluated =
+            (epoch + 1).is_multiple_of(options.eval_every) || epoch + 1 == options.epochs;
+        let eval = evaluated.then(|| {
+            evaluate(
+                &model.valid(),
+                &test,
+                options.eval_batch_size,
+                device,
+                &eval_loss,
+            )
+        });
         let metrics = EpochMetrics {
             epoch: epoch + 1,
             lr,
             train_loss: state.loss_sum / state.seen.max(1) as f64,
             train_accuracy: state.correct as f64 / state.seen.max(1) as f64,
-            test_loss: eval.loss,
-            test_accuracy: eval.accuracy,
+            test_loss: eval.as_ref().map(|e| e.loss),
+            test_accuracy: eval.as_ref().map(|e| e.accuracy),
             seconds,
             images_per_second: state.seen as f64 / seconds,
         };
+        let test = match &eval {
+            Some(eval) => format!(
+                "test loss {:.4} acc {:.2}%",
+                eval.loss,
+                100.0 * eval.accuracy
+            ),
+            None => "not evaluated".into(),
+        };
         println!(
-            "epoch {:>3}/{}  train loss {:.4} acc {:.2}%  test loss {:.4} acc {:.2}%  {:.1}s  {:.0} img/s",
+            "epoch {:>3}/{}  train loss {:.4} acc {:.2}%  {test}  {:.1}s  {:.0} img/s",
             metrics.epoch,
             options.epochs,
             metrics.train_loss,
             100.0 * metrics.train_accuracy,
-            metrics.test_loss,
-            100.0 * metrics.test_accuracy,
             metrics.seconds,
             metrics.images_per_second
         );
@@ -534,8 +559,11 @@ fn summarize(
             .collect::<Vec<_>>()
             .join(", "),
         epochs: history.len(),
-        test_accuracy: history.last().map_or(0.0, |m| m.test_accuracy),
-        best_test_accuracy: history.iter().map(|m| m.test_accuracy).fold(0.0, f64::max),
+        test_accuracy: history.last().and_then(|m| m.test_accuracy).unwrap_or(0.0),
+        best_test_accuracy: history
+            .iter()
+            .filter_map(|m| m.test_accuracy)
+            .fold(0.0, f64::max),
         train_seconds,
         images_per_second: images / train_seconds.max(1e-9),
         trainable_params: model.trainable_params(),
@@ -598,12 +626,14 @@ fn load_checkpoint(
     if let Some(saved) = &state.options {
         let comparable = |o: &TrainOptions| TrainOptions {
             epochs: 0,
+            eval_every: 0,
             ..o.clone()
         };
         if comparable(saved) != comparable(options) {
             bail!(
                 "{} was written by a run with other options ({saved:?}); resume with the same \
-                 options (only --epochs may change) or use another --artifact-dir",
+                 options (only --epochs and --eval-every may change) or use another \
+                 --artifact-dir",
                 path.display()
             );
         }

@@ -165,6 +165,37 @@ fn an_interrupted_run_resumes_to_the_same_metrics() {
     assert_eq!(results(&resumed), results(&straight));
 }
 
+/// `eval_every: 2` over 3 epochs evaluates epochs 2 and 3 (the last) and trains exactly as
+/// evaluating every epoch does: evaluation changes nothing of the training.
+#[test]
+fn evaluating_every_second_epoch_leaves_the_others_blank() {
+    let (train_set, test_set) = tiny_data("train-eval-every");
+    let devices = [Device::flex()];
+    let every = scratch("train-eval-every-1");
+    let second = scratch("train-eval-every-2");
+    for (dir, eval_every) in [(&every, 1), (&second, 2)] {
+        let options = TrainOptions {
+            eval_every,
+            ..tiny_options()
+        };
+        let outcome = train(
+            &options,
+            train_set.clone(),
+            test_set.clone(),
+            &devices,
+            dir,
+            &Control::default(),
+        )
+        .unwrap();
+        assert!(matches!(outcome, Outcome::Finished(_)));
+    }
+    let (every, second) = (results(&every), results(&second));
+    assert_eq!(second.len(), 3);
+    assert_eq!(second[0][..4], every[0][..4], "epoch 1 trained differently");
+    assert_eq!(second[0][4..], ["", ""], "epoch 1 was evaluated");
+    assert_eq!(second[1..], every[1..]);
+}
+
 #[test]
 fn resuming_with_other_options_is_refused() {
     let (train_set, test_set) = tiny_data("train-resume-other");
