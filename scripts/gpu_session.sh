@@ -6,11 +6,14 @@
 # in $WORK while the machine is warm (30 s between calls).
 #
 #   stage 1 (carry .gl .device/call1): GPU, binaries, 2.5 batches; criterion benches on wgpu
-#     against PyTorch on CUDA (benches/compare.py); a training probe (time to the first step
-#     with a cold autotune cache, steady images/s); ten steps with CubeCL's kernel profiler.
+#     against PyTorch on CUDA (benches/compare.py; BENCHES=0 skips them: about 250 s, most of
+#     it wgpu's autotuning of each case); a training probe (time to the first step with a cold
+#     autotune cache, steady images/s); ten steps with CubeCL's kernel profiler (PROFILE=0
+#     skips them).
 #   stage 2 (carry .device/call2): the rest of CIFAR-10; PyTorch's training images/s for the
 #     same model and batch (fp32 and TF32); ResNet-18 trained on the full set for as many
-#     epochs as fit in $TRAIN_SECONDS at the probe's speed.
+#     epochs as fit in $TRAIN_SECONDS at the probe's speed, evaluated every $EVAL_EVERY
+#     epochs (default 1) and after the last.
 #
 # RESNET_BURN_GPU_CONV=im2col in the environment makes the benches and the example use
 # resnet-burn's im2col convolutions (resnet_burn::GpuConv) instead of Burn's.
@@ -47,11 +50,13 @@ if [ "$stage" = 1 ]; then
     stamp "unpacked"
 
     # Criterion on wgpu and PyTorch on CUDA, same cases as on the CPU.
-    BENCH_BACKENDS=$BACKEND CRITERION_HOME=$WORK/criterion timeout 300 python3 benches/compare.py \
-        --backends "$BACKEND" --torch-device "${TORCH_DEVICE:-cuda}" \
-        --bench-binary "$WORK/bin/resnet-bench.stripped" --markdown "$OUT/bench-gpu.md" 2>&1 |
-        grep -v "^Benchmarking\|^Found\|^  [0-9]* (\|^$" | tee "$OUT/bench.log"
-    stamp "benches done"
+    if [ "${BENCHES:-1}" = 1 ]; then
+        BENCH_BACKENDS=$BACKEND CRITERION_HOME=$WORK/criterion timeout 300 python3 benches/compare.py \
+            --backends "$BACKEND" --torch-device "${TORCH_DEVICE:-cuda}" \
+            --bench-binary "$WORK/bin/resnet-bench.stripped" --markdown "$OUT/bench-gpu.md" 2>&1 |
+            grep -v "^Benchmarking\|^Found\|^  [0-9]* (\|^$" | tee "$OUT/bench.log"
+        stamp "benches done"
+    fi
 
     # Training probe on the batches that are here (1, 2, 2 again as 3-5 and as the test set:
     # speed only, its accuracy means nothing): time to the first step with a cold autotune
@@ -67,6 +72,7 @@ if [ "$stage" = 1 ]; then
     cp "$WORK/probe-run/metrics.csv" "$OUT/probe-metrics.csv"
     stamp "probe done"
 
+    [ "${PROFILE:-1}" = 1 ] || { stamp "stage 1 done"; exit 0; }
     # Ten steps with CubeCL's profiler: one line per kernel with its duration.
     mkdir -p .gpu-profile
     printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\n' "$OUT/kernels.log" > .gpu-profile/cubecl.toml
@@ -94,17 +100,20 @@ if [ "${TORCH_DEVICE:-cuda}" = cuda ]; then
     stamp "pytorch done"
 fi
 
-# As many epochs as fit: the probe's speed, a whole test pass (on the H200 on 2026-11-28 it ran
-# at about 1.3x the training speed: 6.5 s for 10,000 images) and 40 s for the start (warm
-# autotune cache: 26 s to the first step) and the final save.
+# As many epochs as fit: the probe's speed, a test pass every EVAL_EVERY epochs (on the H200 on
+# 2026-11-28 it ran at about 1.3x the training speed: 6.5 s for 10,000 images) and 40 s for the
+# start (warm autotune cache: 26 s to the first step) and the final save.
 budget=${TRAIN_SECONDS:-400}
+every=${EVAL_EVERY:-1}
 ips=$(awk -F, 'NR > 1 { v = $8 } END { print v }' "$WORK/probe-run/metrics.csv" 2>/dev/null)
 ips=${ips:-1000}
-epochs=${EPOCHS:-$(awk -v ips="$ips" -v budget="$budget" 'BEGIN {
-    epoch = 50000 / ips + 10000 / (1.2 * ips); e = int((budget - 40) / epoch); print (e < 1 ? 1 : e) }')}
-stamp "training $epochs epochs in at most ${budget}s"
+epochs=${EPOCHS:-$(awk -v ips="$ips" -v budget="$budget" -v every="$every" 'BEGIN {
+    epoch = 50000 / ips + 10000 / (1.2 * ips) / every; e = int((budget - 40) / epoch)
+    print (e < 1 ? 1 : e) }')}
+stamp "training $epochs epochs in at most ${budget}s (probe: $ips images/s)"
 timeout -k 20 -s INT "$budget" "$BIN" --backend "$BACKEND" --data-dir "$WORK/cifar" --epochs "$epochs" \
-    --batch-size "$BATCH" --lr "$LR" --no-progress $EXTRA --artifact-dir "$WORK/run" 2>&1 | tee "$OUT/train.log"
+    --batch-size "$BATCH" --lr "$LR" --eval-every "$every" --no-progress $EXTRA \
+    --artifact-dir "$WORK/run" 2>&1 | tee "$OUT/train.log"
 for f in metrics.csv summary.json config.json curves.png; do
     [ -f "$WORK/run/$f" ] && cp "$WORK/run/$f" "$OUT/"
 done

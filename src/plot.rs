@@ -6,7 +6,7 @@ use crate::train::EpochMetrics;
 const WIDTH: usize = 960;
 const HEIGHT: usize = 420;
 const PANEL: usize = WIDTH / 2;
-const MARGIN: (usize, usize, usize, usize) = (40, 20, 30, 60); // top, right, bottom, left
+const MARGIN: (usize, usize, usize, usize) = (40, 20, 38, 60); // top, right, bottom, left
 
 const WHITE: [u8; 3] = [255, 255, 255];
 const BLACK: [u8; 3] = [30, 30, 30];
@@ -159,7 +159,7 @@ impl Canvas {
             self.rect(x, y1, 1, 5, BLACK);
             self.text(x - 4, y1 + 8, &format!("{epoch:.0}"), BLACK);
         }
-        self.text(x1 - 40, y1 + 8, "EPOCH", BLACK);
+        self.text((x0 + x1) / 2 - 20, y1 + 18, "EPOCH", BLACK);
 
         for (values, color) in series {
             let points: Vec<(i64, i64)> = xs
