@@ -60,8 +60,9 @@ if [ "$stage" = 1 ]; then
 
     # Training probe on the batches that are here (1, 2, 2 again as 3-5 and as the test set:
     # speed only, its accuracy means nothing): time to the first step with a cold autotune
-    # cache, then steady images/s in the second epoch. The autotune cache it leaves
-    # (target/environment) serves stage 2.
+    # cache, then steady images/s in the second epoch. The CubeCL cache it leaves (autotune
+    # results and kernels in target/environment, kept while the machine is warm) serves the
+    # profile and stage 2.
     P=$WORK/probe-data
     mkdir -p "$P"
     for i in 1 2 3 4 5; do ln -sf "$WORK/cifar/data_batch_$(( (i - 1) % 2 + 1 )).bin" "$P/data_batch_$i.bin"; done
@@ -102,7 +103,8 @@ fi
 
 # As many epochs as fit: the probe's speed, a test pass every EVAL_EVERY epochs (on the H200 on
 # 2026-11-28 it ran at about 1.3x the training speed: 6.5 s for 10,000 images) and 40 s for the
-# start (warm autotune cache: 26 s to the first step) and the final save.
+# start (26 s to the first step on 2026-11-28, in a later process of the same machine) and the
+# final save.
 budget=${TRAIN_SECONDS:-400}
 every=${EVAL_EVERY:-1}
 ips=$(awk -F, 'NR > 1 { v = $8 } END { print v }' "$WORK/probe-run/metrics.csv" 2>/dev/null)
