@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 5 and 6, as two calls of the device tool (see ../shared/GPU.md and
+# The GPU checks of issues 5 and 6, as three calls of the device tool (see ../shared/GPU.md and
 # the tool's README): the session has 15 minutes of device time and each call carries 64 MiB,
-# so the binaries are built here and CIFAR-10 travels packed (scripts/cifar10_pack.py) in two
-# pieces, .device/call1 and .device/call2 (ignored folders, carried). What a call unpacks stays
-# in $WORK while the machine is warm (30 s between calls).
+# so the binaries are built here (25.5 MB compressed) and CIFAR-10 travels packed
+# (scripts/cifar10_pack.py) in three pieces, .device/call1, call2 and call3 (ignored folders,
+# carried). What a call unpacks stays in $WORK while the machine is warm (30 s between calls).
 #
-#   stage 1 (carry .gl .device/call1): GPU, binaries, 2.5 batches; criterion benches on wgpu
+#   stage 1 (carry .gl .device/call1): GPU, binaries, batches 1 and 2; criterion benches on wgpu
 #     against PyTorch on CUDA (benches/compare.py; BENCHES=0 skips them: about 250 s, most of
 #     it wgpu's autotuning of each case); a training probe (time to the first step with a cold
 #     autotune cache, steady images/s); ten steps with CubeCL's kernel profiler (PROFILE=0
 #     skips them).
-#   stage 2 (carry .device/call2): the rest of CIFAR-10; PyTorch's training images/s for the
+#   unpack DIR (carry DIR): more of CIFAR-10 (.device/call2: batches 3-5), nothing else.
+#   stage 2 [DIR] (carry DIR, default .device/call3: the test batch): the rest of CIFAR-10,
+#     all of it checked against CIFAR10-SHA256SUMS; PyTorch's training images/s for the
 #     same model and batch (fp32 and TF32); ResNet-18 trained on the full set for as many
 #     epochs as fit in $TRAIN_SECONDS at the probe's speed, evaluated every $EVAL_EVERY
 #     epochs (default 1) and after the last.
@@ -24,7 +26,7 @@
 #     xz --x86 --lzma2=preset=9e,dict=192MiB > .device/call1/bin/bins.tar.xz
 #   python3 scripts/cifar10_pack.py pack ../shared/data/cifar-10-batches-bin DIR [--split 2]
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh 1|2}
+stage=${1:?usage: gpu_session.sh 1 | unpack DIR | 2 [DIR]}
 OUT=${OUT:-/tmp/gpu-out}
 WORK=${WORK:-/root/gpu}
 BATCH=${BATCH:-256}
@@ -86,8 +88,18 @@ if [ "$stage" = 1 ]; then
     exit 0
 fi
 
+if [ "$stage" = unpack ]; then
+    python3 scripts/cifar10_pack.py unpack "${2:?unpack DIR}/pk" "$WORK/cifar" --sums "$WORK/CIFAR10-SHA256SUMS" || exit 1
+    ls "$WORK/cifar"
+    stamp "unpacked"
+    exit 0
+fi
+
 # Stage 2.
-python3 scripts/cifar10_pack.py unpack .device/call2/pk "$WORK/cifar" --sums "$WORK/CIFAR10-SHA256SUMS" || exit 1
+python3 scripts/cifar10_pack.py unpack "${2:-.device/call3}/pk" "$WORK/cifar" --sums "$WORK/CIFAR10-SHA256SUMS" || exit 1
+for f in data_batch_1 data_batch_2 data_batch_3 data_batch_4 data_batch_5 test_batch; do
+    [ -f "$WORK/cifar/$f.bin" ] || { echo "$f.bin has not arrived: run the unpack calls first"; exit 1; }
+done
 ls "$WORK/cifar"
 stamp "unpacked"
 
