@@ -6,8 +6,8 @@
 # carried). What a call unpacks stays in $WORK while the machine is warm (30 s between calls).
 #
 #   stage 1 (carry .gl .device/call1): GPU, binaries, batches 1 and 2; criterion benches on wgpu
-#     against PyTorch on CUDA (benches/compare.py; BENCHES=0 skips them: about 250 s, most of
-#     it wgpu's autotuning of each case); a training probe (time to the first step with a cold
+#     against PyTorch on CUDA (benches/compare.py; BENCHES=0 skips them: on 2026-11-28 they
+#     ran into their 200 s limit before PyTorch's ResNet-50 cases); a training probe (time to the first step with a cold
 #     autotune cache, steady images/s); ten steps with CubeCL's kernel profiler (PROFILE=0
 #     skips them).
 #   unpack DIR (carry DIR): more of CIFAR-10 (.device/call2: batches 3-5), nothing else.
@@ -38,6 +38,12 @@ export XDG_RUNTIME_DIR=/tmp RUST_BACKTRACE=1 PYTHONUNBUFFERED=1
 BIN=$WORK/bin/cifar10.stripped
 t0=$(date +%s)
 stamp() { echo "[$(($(date +%s) - t0))s] $*"; }
+# The packed batches of folder $1 into $WORK/cifar, each checked against CIFAR10-SHA256SUMS.
+unpack_data() {
+    python3 scripts/cifar10_pack.py unpack "$1/pk" "$WORK/cifar" --sums "$WORK/CIFAR10-SHA256SUMS" || exit 1
+    ls "$WORK/cifar"
+    stamp "unpacked $1"
+}
 
 if [ "$stage" = 1 ]; then
     if command -v nvidia-smi >/dev/null; then
@@ -48,8 +54,7 @@ if [ "$stage" = 1 ]; then
     python3 -c "import lzma, sys, tarfile; tarfile.open(fileobj=lzma.open(sys.argv[1])).extractall(sys.argv[2])" \
         .device/call1/bin/bins.tar.xz "$WORK/bin" || exit 1
     cp .device/call1/CIFAR10-SHA256SUMS "$WORK/"
-    python3 scripts/cifar10_pack.py unpack .device/call1/pk "$WORK/cifar" --sums "$WORK/CIFAR10-SHA256SUMS" || exit 1
-    stamp "unpacked"
+    unpack_data .device/call1
 
     # Criterion on wgpu and PyTorch on CUDA, same cases as on the CPU.
     if [ "${BENCHES:-1}" = 1 ]; then
@@ -89,19 +94,15 @@ if [ "$stage" = 1 ]; then
 fi
 
 if [ "$stage" = unpack ]; then
-    python3 scripts/cifar10_pack.py unpack "${2:?unpack DIR}/pk" "$WORK/cifar" --sums "$WORK/CIFAR10-SHA256SUMS" || exit 1
-    ls "$WORK/cifar"
-    stamp "unpacked"
+    unpack_data "${2:?unpack DIR}"
     exit 0
 fi
 
 # Stage 2.
-python3 scripts/cifar10_pack.py unpack "${2:-.device/call3}/pk" "$WORK/cifar" --sums "$WORK/CIFAR10-SHA256SUMS" || exit 1
+unpack_data "${2:-.device/call3}"
 for f in data_batch_1 data_batch_2 data_batch_3 data_batch_4 data_batch_5 test_batch; do
     [ -f "$WORK/cifar/$f.bin" ] || { echo "$f.bin has not arrived: run the unpack calls first"; exit 1; }
 done
-ls "$WORK/cifar"
-stamp "unpacked"
 
 # PyTorch, same model, batch and recipe, same GPU: strict fp32 (as Burn), then TF32.
 if [ "${TORCH_DEVICE:-cuda}" = cuda ]; then
@@ -120,7 +121,10 @@ fi
 budget=${TRAIN_SECONDS:-400}
 every=${EVAL_EVERY:-1}
 ips=$(awk -F, 'NR > 1 { v = $8 } END { print v }' "$WORK/probe-run/metrics.csv" 2>/dev/null)
-ips=${ips:-1000}
+if [ -z "$ips" ]; then
+    echo "no speed from stage 1's probe ($WORK/probe-run/metrics.csv): assuming 1000 images/s"
+    ips=1000
+fi
 epochs=${EPOCHS:-$(awk -v ips="$ips" -v budget="$budget" -v every="$every" 'BEGIN {
     epoch = 50000 / ips + 10000 / (1.2 * ips) / every; e = int((budget - 40) / epoch)
     print (e < 1 ? 1 : e) }')}
