@@ -146,16 +146,8 @@ struct Args {
     no_progress: bool,
     /// Convolutions on a GPU backend: burn (Burn's kernels) or im2col (im2col + matrix
     /// product, see resnet_burn::GpuConv). Default: $RESNET_BURN_GPU_CONV, else burn.
-    #[arg(long, value_parser = parse_gpu_conv)]
+    #[arg(long)]
     gpu_conv: Option<GpuConv>,
-}
-
-fn parse_gpu_conv(text: &str) -> Result<GpuConv, String> {
-    match text {
-        "burn" => Ok(GpuConv::Burn),
-        "im2col" => Ok(GpuConv::Im2col),
-        _ => Err(format!("{text:?}: use burn or im2col")),
-    }
 }
 
 fn main() -> Result<()> {

@@ -32,6 +32,19 @@ pub enum GpuConv {
     Im2col,
 }
 
+impl std::str::FromStr for GpuConv {
+    type Err = String;
+
+    /// `burn` or `im2col`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "burn" => Ok(GpuConv::Burn),
+            "im2col" => Ok(GpuConv::Im2col),
+            _ => Err(format!("{text:?} is neither \"burn\" nor \"im2col\"")),
+        }
+    }
+}
+
 const UNSET: u8 = u8::MAX;
 static GPU_CONV: AtomicU8 = AtomicU8::new(UNSET);
 
@@ -63,17 +76,13 @@ pub fn gpu_conv() -> GpuConv {
 /// `RESNET_BURN_GPU_CONV`: `im2col`, or `burn` (also when unset; any other value is reported
 /// on stderr and read as `burn`).
 fn from_env() -> GpuConv {
-    match std::env::var("RESNET_BURN_GPU_CONV").as_deref() {
-        Ok("im2col") => GpuConv::Im2col,
-        Ok("burn") | Err(_) => GpuConv::Burn,
-        Ok(other) => {
-            eprintln!(
-                "resnet-burn: RESNET_BURN_GPU_CONV={other:?} is neither \"burn\" nor \"im2col\"; \
-                 using Burn's convolutions"
-            );
-            GpuConv::Burn
-        }
-    }
+    let Ok(text) = std::env::var("RESNET_BURN_GPU_CONV") else {
+        return GpuConv::Burn;
+    };
+    text.parse().unwrap_or_else(|error| {
+        eprintln!("resnet-burn: RESNET_BURN_GPU_CONV={error}; using Burn's convolutions");
+        GpuConv::Burn
+    })
 }
 
 /// `conv(x)` as im2col + matrix product when `conv` is ungrouped, undilated, bias-free,
@@ -204,6 +213,17 @@ mod tests {
         );
         set_gpu_conv(GpuConv::Burn);
         assert_eq!(gpu_conv(), GpuConv::Burn);
+    }
+
+    /// The names `--gpu-conv` and `RESNET_BURN_GPU_CONV` take, and the error for others.
+    #[test]
+    fn parses_its_two_names() {
+        assert_eq!("burn".parse(), Ok(GpuConv::Burn));
+        assert_eq!("im2col".parse(), Ok(GpuConv::Im2col));
+        assert_eq!(
+            "Im2col".parse::<GpuConv>(),
+            Err("\"Im2col\" is neither \"burn\" nor \"im2col\"".to_string())
+        );
     }
 
     /// Grouped, dilated and 1x1 convolutions are left to Burn.
