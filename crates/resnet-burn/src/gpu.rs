@@ -85,11 +85,24 @@ fn from_env() -> GpuConv {
     })
 }
 
+/// The most bytes of im2col matrix built at once: 128 MiB, the largest storage buffer that
+/// every Vulkan device (`maxStorageBufferRange`) and WebGPU guarantee. Lavapipe allows no
+/// more, and CubeCL refuses a larger buffer there ("can't allocate buffer of size:
+/// 150994944" for ResNet-18's first stage at batch 64). Larger batches run in chunks of images.
+const MAX_COLUMNS_BYTES: usize = 128 << 20;
+
 /// `conv(x)` as im2col + matrix product when `conv` is ungrouped, undilated, bias-free,
 /// symmetrically padded and larger than 1x1, and its window fits; `None` otherwise.
 pub(crate) fn conv_im2col(conv: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
+    conv_im2col_within(conv, x, MAX_COLUMNS_BYTES)
+}
+
+/// [`conv_im2col`] with at most `max_bytes` of im2col matrix at once: the batch runs in
+/// chunks of as many images as fit, and one image that does not fit is left to Burn (`None`).
+fn conv_im2col_within(conv: &Conv2d, x: &Tensor<4>, max_bytes: usize) -> Option<Tensor<4>> {
     let [out_channels, in_channels, kh, kw] = conv.weight.dims();
-    let [batch, channels, height, width] = x.dims();
+    let channels = x.dims()[1];
+    let [height, width] = [x.dims()[2], x.dims()[3]];
     if !is_plain(conv) || kh * kw == 1 || channels != in_channels {
         return None;
     }
@@ -97,6 +110,11 @@ pub(crate) fn conv_im2col(conv: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
     let [sh, sw] = conv.stride;
     let out_h = output_size(height, kh, sh, ph)?;
     let out_w = output_size(width, kw, sw, pw)?;
+    let rows = in_channels * kh * kw;
+    let images_per_chunk = max_bytes / (rows * out_h * out_w * x.dtype().size());
+    if images_per_chunk == 0 {
+        return None;
+    }
     let padded = if ph + pw == 0 {
         x.clone()
     } else {
@@ -110,29 +128,37 @@ pub(crate) fn conv_im2col(conv: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
             step as isize,
         )
     };
-    let taps: Vec<Tensor<4>> = (0..kh)
-        .flat_map(|ky| (0..kw).map(move |kx| (ky, kx)))
-        .map(|(ky, kx)| {
-            padded.clone().slice([
-                Slice::full(),
-                Slice::full(),
-                window(ky, out_h, sh),
-                window(kx, out_w, sw),
-            ])
+    let weight = conv.weight.val().reshape([1, out_channels, rows]);
+    let mut outputs: Vec<Tensor<4>> = padded
+        .split(images_per_chunk, 0)
+        .into_iter()
+        .map(|images| {
+            let batch = images.dims()[0];
+            let taps: Vec<Tensor<4>> = (0..kh)
+                .flat_map(|ky| (0..kw).map(move |kx| (ky, kx)))
+                .map(|(ky, kx)| {
+                    images.clone().slice([
+                        Slice::full(),
+                        Slice::full(),
+                        window(ky, out_h, sh),
+                        window(kx, out_w, sw),
+                    ])
+                })
+                .collect();
+            // [batch, in_channels, k*k, out_h, out_w]: row (c, ky, kx) as in the weight's
+            // layout.
+            let columns = Tensor::stack::<5>(taps, 2).reshape([batch, rows, out_h * out_w]);
+            weight
+                .clone()
+                .matmul(columns)
+                .reshape([batch, out_channels, out_h, out_w])
         })
         .collect();
-    // [batch, in_channels, k*k, out_h, out_w]: row (c, ky, kx) as in the weight's layout.
-    let columns =
-        Tensor::stack::<5>(taps, 2).reshape([batch, in_channels * kh * kw, out_h * out_w]);
-    let weight = conv
-        .weight
-        .val()
-        .reshape([1, out_channels, in_channels * kh * kw]);
-    Some(
-        weight
-            .matmul(columns)
-            .reshape([batch, out_channels, out_h, out_w]),
-    )
+    if outputs.len() == 1 {
+        outputs.pop()
+    } else {
+        Some(Tensor::cat(outputs, 0))
+    }
 }
 
 #[cfg(test)]
@@ -175,30 +201,59 @@ mod tests {
                     &device,
                 )
                 .require_grad();
-                let expected = conv.forward(x.clone());
-                let got = conv_im2col(&conv, &x).expect("applies");
-                assert_eq!(got.dims(), expected.dims());
-                let weights =
-                    Tensor::<4>::random(expected.dims(), Distribution::Normal(0.0, 1.0), &device);
-                let grads_expected = (expected.clone() * weights.clone()).sum().backward();
-                let grads_got = (got.clone() * weights).sum().backward();
                 let case = format!(
                     "{device:?} {batch}x{cin}x{h}x{w}, {cout} {k}x{k}/{stride} pad {padding}"
                 );
-                let output = relative_difference(got.inner(), expected.inner());
-                assert!(output < 1e-5, "{case}: output differs by {output}");
-                let dx = relative_difference(
-                    x.grad(&grads_got).expect("x grad"),
-                    x.grad(&grads_expected).expect("x grad"),
-                );
-                assert!(dx < 1e-5, "{case}: input gradient differs by {dx}");
-                let dw = relative_difference(
-                    conv.weight.grad(&grads_got).expect("weight grad"),
-                    conv.weight.grad(&grads_expected).expect("weight grad"),
-                );
-                assert!(dw < 1e-5, "{case}: weight gradient differs by {dw}");
+                let got = conv_im2col(&conv, &x).expect("applies");
+                assert_matches_burn(&case, &conv, &x, got);
             }
         }
+    }
+
+    /// A batch whose im2col matrix exceeds the limit runs in chunks of images (here 2, 2
+    /// and 1) with the same output and gradients; an image that alone exceeds it is left to
+    /// Burn.
+    #[test]
+    fn large_batches_run_in_chunks() {
+        for (device, _) in devices() {
+            let device = device.autodiff();
+            let conv = Conv2dConfig::new([3, 4], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_bias(false)
+                .init(&device);
+            let x = Tensor::<4>::random([5, 3, 6, 6], Distribution::Normal(0.0, 1.0), &device)
+                .require_grad();
+            let image_bytes = 3 * 3 * 3 * 6 * 6 * size_of::<f32>();
+            let got = conv_im2col_within(&conv, &x, 2 * image_bytes + 1).expect("applies");
+            assert_matches_burn(&format!("{device:?} in chunks"), &conv, &x, got);
+            assert!(conv_im2col_within(&conv, &x, image_bytes - 1).is_none());
+        }
+    }
+
+    /// `got` (from `conv` and `x`) against Burn's `conv.forward(x)`: the output, and the
+    /// gradients of both `x` and the weight, to 1e-5.
+    fn assert_matches_burn(case: &str, conv: &Conv2d, x: &Tensor<4>, got: Tensor<4>) {
+        let expected = conv.forward(x.clone());
+        assert_eq!(got.dims(), expected.dims(), "{case}");
+        let weights = Tensor::<4>::random(
+            expected.dims(),
+            Distribution::Normal(0.0, 1.0),
+            &expected.device(),
+        );
+        let grads_expected = (expected.clone() * weights.clone()).sum().backward();
+        let grads_got = (got.clone() * weights).sum().backward();
+        let output = relative_difference(got.inner(), expected.inner());
+        assert!(output < 1e-5, "{case}: output differs by {output}");
+        let dx = relative_difference(
+            x.grad(&grads_got).expect("x grad"),
+            x.grad(&grads_expected).expect("x grad"),
+        );
+        assert!(dx < 1e-5, "{case}: input gradient differs by {dx}");
+        let dw = relative_difference(
+            conv.weight.grad(&grads_got).expect("weight grad"),
+            conv.weight.grad(&grads_expected).expect("weight grad"),
+        );
+        assert!(dw < 1e-5, "{case}: weight gradient differs by {dw}");
     }
 
     /// An explicit choice holds for the process until the next one. (The only test that
