@@ -43,6 +43,9 @@ LAYERS = [
     "maxpool3x3_s2_64_32px",
     "conv3x3_64_32px_forward_backward",
 ]
+# benches/layers.rs measures these a second time on GPU backends as `<case>_im2col`
+# (resnet_burn::conv2d with GpuConv::Im2col), against the same PyTorch figure.
+IM2COL = [name for name in LAYERS if name.startswith("conv3x3")]
 LAYER_BATCH = 64
 
 
@@ -65,7 +68,10 @@ def main():
     args = parser.parse_args()
 
     layers = args.bench == "layers"
-    cases = LAYERS if layers else args.cases.split(",")
+    if layers:
+        cases = [case for name in LAYERS for case in [name] + [f"{name}_im2col"] * (name in IM2COL)]
+    else:
+        cases = args.cases.split(",")
     backends = args.backends.split(",")
     env = dict(os.environ, BENCH_BACKENDS=args.backends)
     filter_regex = "(" + "|".join(cases) + ")/(" + "|".join(backends) + ")$"
@@ -86,12 +92,12 @@ def main():
     torch_json.unlink()
 
     rows = ["| case | backend | Burn images/s | PyTorch images/s | Burn / PyTorch |", "|---|---|---:|---:|---:|"]
-    batches = {f"layer/{name}": LAYER_BATCH for name in LAYERS} if layers else BATCH
+    batches = {f"layer/{name}": LAYER_BATCH for name in cases} if layers else BATCH
     for case in batches:
         group, name = case.split("/")
         if name not in cases:
             continue
-        reference = torch_results["cases"].get(case)
+        reference = torch_results["cases"].get(case.removesuffix("_im2col"))
         for backend in backends:
             estimates = criterion / group / name / backend / "new" / "estimates.json"
             if not estimates.exists():

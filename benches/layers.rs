@@ -7,6 +7,11 @@
 //! (evaluation) and ReLU on the largest activation, all forward only, on a device without
 //! autodiff; plus forward and backward of the first stage's 3x3 convolution on the autodiff
 //! device. Ids are `layer/<case>/<backend>`; `$BENCH_BACKENDS` selects backends.
+//!
+//! On the GPU backends (wgpu, cuda) every 3x3 convolution case is measured a second time as
+//! `<case>_im2col`: through [`resnet_burn::conv2d`] with [`GpuConv::Im2col`], this crate's
+//! alternative to Burn's direct kernel. The CPU backends' convolutions in resnet-burn are
+//! its own kernels, measured with the whole network in `benches/resnet.rs`.
 
 use std::time::Duration;
 
@@ -16,6 +21,7 @@ use burn::nn::{BatchNormConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Distribution, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use resnet_burn::{GpuConv, conv2d, set_gpu_conv};
 use resnet_burn_examples::bench::backends;
 
 const BATCH: usize = 64;
@@ -63,10 +69,16 @@ fn layers(c: &mut Criterion) {
                 })
             });
         };
+        let gpu = matches!(backend, "wgpu" | "cuda");
         for (name, channels, out, kernel, stride, side) in CONVS {
             let layer = conv(channels, out, kernel, stride, &device);
             let x = input(channels, side, &device);
             bench(name, &mut || layer.forward(x.clone()));
+            if gpu && kernel > 1 {
+                set_gpu_conv(GpuConv::Im2col);
+                bench(&format!("{name}_im2col"), &mut || conv2d(&layer, x.clone()));
+                set_gpu_conv(GpuConv::Burn);
+            }
         }
         let x = input(64, 32, &device);
         let norm = BatchNormConfig::new(64).init(&device);
@@ -82,13 +94,22 @@ fn layers(c: &mut Criterion) {
         let autodiff = device.clone().autodiff();
         let layer = conv(64, 64, 3, 1, &autodiff);
         let x = input(64, 32, &autodiff).require_grad();
-        bench("conv3x3_64_32px_forward_backward", &mut || {
-            let out = layer.forward(x.clone());
-            let grads = out.clone().sum().backward();
+        let forward_backward = |forward: &dyn Fn(Tensor<4>) -> Tensor<4>| {
+            let grads = forward(x.clone()).sum().backward();
             let input_grad = x.grad(&grads).expect("input gradient");
             let weight_grad = layer.weight.grad(&grads).expect("weight gradient");
             input_grad + weight_grad.sum().reshape([1, 1, 1, 1])
+        };
+        bench("conv3x3_64_32px_forward_backward", &mut || {
+            forward_backward(&|x| layer.forward(x))
         });
+        if gpu {
+            set_gpu_conv(GpuConv::Im2col);
+            bench("conv3x3_64_32px_forward_backward_im2col", &mut || {
+                forward_backward(&|x| conv2d(&layer, x))
+            });
+            set_gpu_conv(GpuConv::Burn);
+        }
     }
     group.finish();
 }

@@ -18,13 +18,33 @@ pub(crate) fn conv_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, relu: bool) -
     if let Some(out) = crate::cpu::fused(conv, bn, &x, relu, None) {
         return out;
     }
-    let out = bn.forward(conv_forward(conv, x));
+    let out = bn.forward(conv2d(conv, x));
     if relu { activation::relu(out) } else { out }
 }
 
-/// `conv(x)`: on the CPU backends through [`crate::cpu::conv`], on the others through
-/// [`crate::gpu::conv_im2col`] when [`crate::gpu_conv`] asks for it, else Burn's.
-fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+/// `conv.forward(x)` as [`crate::ResNet`] computes it on `x`'s device: on the CPU backends
+/// (flex, ndarray) with this crate's own kernels, on the others as im2col + matrix product
+/// when [`crate::gpu_conv`] is [`crate::GpuConv::Im2col`], else with Burn's. The result is
+/// the same either way (to float rounding); use it in your own layers for the same speed.
+/// Convolutions that none of these paths covers (grouped, dilated, with a bias, ...) run
+/// as Burn's.
+///
+/// ```
+/// use burn::nn::conv::Conv2dConfig;
+/// use burn::nn::PaddingConfig2d;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let conv = Conv2dConfig::new([3, 8], [3, 3])
+///     .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+///     .with_bias(false)
+///     .init(&device);
+/// let x = Tensor::<4>::ones([2, 3, 16, 16], &device);
+/// let ours = resnet_burn::conv2d(&conv, x.clone());
+/// let burns = conv.forward(x);
+/// assert!(ours.sub(burns).abs().max().into_scalar::<f32>() < 1e-4);
+/// ```
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     #[cfg(any(feature = "flex", feature = "ndarray"))]
     if crate::cpu::on_host(&x.device()) {
         return crate::cpu::conv(conv, x);
@@ -48,7 +68,7 @@ pub(crate) fn conv_bn_add_relu(
     if let Some(out) = crate::cpu::fused(conv, bn, &x, true, Some(&residual)) {
         return out;
     }
-    activation::relu(bn.forward(conv_forward(conv, x)) + residual)
+    activation::relu(bn.forward(conv2d(conv, x)) + residual)
 }
 
 /// A bias-free convolution initialized as torchvision initializes ResNet convolutions:

@@ -24,7 +24,8 @@
 //!   [`forward_features`](ResNet::forward_features),
 //!   [`forward_stages`](ResNet::forward_stages), [`with_new_head`](ResNet::with_new_head),
 //!   [`trainable_params`](ResNet::trainable_params).
-//! - [`BasicBlock`], [`Bottleneck`] and [`Downsample`] ([`block`]): the residual blocks.
+//! - [`BasicBlock`], [`Bottleneck`] and [`Downsample`] ([`block`]): the residual blocks;
+//!   [`conv2d`], their convolution, for layers of your own.
 //! - [`torchvision`]: torchvision weights in and out: [`ResNet::load_torchvision`] reads
 //!   `.pth` (without running the pickle) and `.safetensors` files strictly, with
 //!   [`ImportError`] listing every offending key; [`ResNet::save_torchvision`] writes
@@ -54,7 +55,7 @@ pub mod resnet;
 mod testing;
 pub mod torchvision;
 
-pub use block::{BasicBlock, Bottleneck, Downsample, ResidualBlock};
+pub use block::{BasicBlock, Bottleneck, Downsample, ResidualBlock, conv2d};
 pub use config::{BlockKind, ConfigError, ResNetConfig, Stem};
 pub use gpu::{GpuConv, gpu_conv, set_gpu_conv};
 pub use resnet::{InputError, ResNet};
