@@ -141,6 +141,10 @@ struct Args {
     /// Evaluate every N epochs (and after the last one), to save time on long runs.
     #[arg(long, default_value_t = 1)]
     eval_every: usize,
+    /// After the last epoch, also report the test accuracy with horizontal-flip test-time
+    /// augmentation (the mean of the logits of each image and its mirror image).
+    #[arg(long)]
+    eval_flip: bool,
     /// No progress bars (logs).
     #[arg(long)]
     no_progress: bool,
@@ -212,6 +216,7 @@ fn main() -> Result<()> {
         limit_train: args.limit_train,
         limit_test: args.limit_test,
         eval_every: args.eval_every,
+        eval_flip: args.eval_flip,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let handler_stop = stop.clone();
@@ -251,6 +256,12 @@ fn main() -> Result<()> {
                 summary.train_seconds,
                 summary.images_per_second
             );
+            if let Some(accuracy) = summary.test_accuracy_flip {
+                println!(
+                    "test accuracy with flip test-time augmentation: {:.2}%",
+                    100.0 * accuracy
+                );
+            }
             println!("files: {}", args.artifact_dir.display());
         }
         Outcome::Interrupted { epoch, step } => {

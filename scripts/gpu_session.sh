@@ -15,7 +15,8 @@
 #     all of it checked against CIFAR10-SHA256SUMS; PyTorch's training images/s for the
 #     same model and batch (fp32 and TF32); ResNet-18 trained on the full set for as many
 #     epochs as fit in $TRAIN_SECONDS at the probe's speed, evaluated every $EVAL_EVERY
-#     epochs (default 1) and after the last.
+#     epochs (default 1) and after the last, then once more with flip test-time augmentation
+#     (--eval-flip; EVAL_FLIP=0 skips it).
 #
 # RESNET_BURN_GPU_CONV=im2col in the environment makes the benches and the example use
 # resnet-burn's im2col convolutions (resnet_burn::GpuConv) instead of Burn's.
@@ -117,21 +118,23 @@ fi
 # As many epochs as fit: the probe's speed, a test pass every EVAL_EVERY epochs (on the H200 on
 # 2026-11-28 it ran at about 1.3x the training speed: 6.5 s for 10,000 images) and 40 s for the
 # start (26 s to the first step on 2026-11-28, in a later process of the same machine) and the
-# final save.
+# final save; with EVAL_FLIP (default 1) one more pass of two forwards per test image.
 budget=${TRAIN_SECONDS:-400}
 every=${EVAL_EVERY:-1}
+flip=${EVAL_FLIP:-1}
 ips=$(awk -F, 'NR > 1 { v = $8 } END { print v }' "$WORK/probe-run/metrics.csv" 2>/dev/null)
 if [ -z "$ips" ]; then
     echo "no speed from stage 1's probe ($WORK/probe-run/metrics.csv): assuming 1000 images/s"
     ips=1000
 fi
-epochs=${EPOCHS:-$(awk -v ips="$ips" -v budget="$budget" -v every="$every" 'BEGIN {
-    epoch = 50000 / ips + 10000 / (1.2 * ips) / every; e = int((budget - 40) / epoch)
+epochs=${EPOCHS:-$(awk -v ips="$ips" -v budget="$budget" -v every="$every" -v flip="$flip" 'BEGIN {
+    test = 10000 / (1.2 * ips); epoch = 50000 / ips + test / every
+    e = int((budget - 40 - 2 * flip * test) / epoch)
     print (e < 1 ? 1 : e) }')}
 stamp "training $epochs epochs in at most ${budget}s (probe: $ips images/s)"
 timeout -k 20 -s INT "$budget" "$BIN" --backend "$BACKEND" --data-dir "$WORK/cifar" --epochs "$epochs" \
-    --batch-size "$BATCH" --lr "$LR" --eval-every "$every" --no-progress $EXTRA \
-    --artifact-dir "$WORK/run" 2>&1 | tee "$OUT/train.log"
+    --batch-size "$BATCH" --lr "$LR" --eval-every "$every" $([ "$flip" = 1 ] && echo --eval-flip) \
+    --no-progress $EXTRA --artifact-dir "$WORK/run" 2>&1 | tee "$OUT/train.log"
 for f in metrics.csv summary.json config.json curves.png; do
     [ -f "$WORK/run/$f" ] && cp "$WORK/run/$f" "$OUT/"
 done

@@ -63,6 +63,11 @@ pub struct TrainOptions {
     /// trained, so a resumed run may change it.
     #[serde(default = "every_epoch")]
     pub eval_every: usize,
+    /// After the last epoch, also evaluate with horizontal-flip test-time augmentation (the
+    /// mean of the logits of each image and of its mirror image), reported as
+    /// [`Summary::test_accuracy_flip`]. Like `eval_every`, a resumed run may change it.
+    #[serde(default)]
+    pub eval_flip: bool,
 }
 
 fn every_epoch() -> usize {
@@ -89,6 +94,7 @@ impl Default for TrainOptions {
             limit_train: None,
             limit_test: None,
             eval_every: every_epoch(),
+            eval_flip: false,
         }
     }
 }
@@ -206,6 +212,10 @@ pub struct Summary {
     /// this process's first step, on a GPU mostly kernel compilation and autotuning; 0 if this
     /// process took no step (a resumed run that was already complete).
     pub first_step_seconds: f64,
+    /// Test accuracy after the last epoch with horizontal-flip test-time augmentation, when
+    /// [`TrainOptions::eval_flip`] asked for it.
+    #[serde(default)]
+    pub test_accuracy_flip: Option<f64>,
 }
 
 /// A loss that is NaN or infinite: the run stops, the last checkpoint stays as it was.
@@ -431,6 +441,7 @@ pub fn train(
                 options.eval_batch_size,
                 device,
                 &eval_loss,
+                false,
             )
         });
         let metrics = EpochMetrics {
@@ -487,15 +498,29 @@ pub fn train(
         .save_torchvision(&safetensors_path)
         .with_context(|| format!("writing {}", safetensors_path.display()))?;
 
-    let summary = summarize(
-        options,
-        &state.history,
-        devices,
-        &model,
-        train.len(),
-        test.len(),
-        first_step_seconds.unwrap_or(0.0),
-    );
+    let test_accuracy_flip = options.eval_flip.then(|| {
+        evaluate(
+            &model,
+            &test,
+            options.eval_batch_size,
+            device,
+            &eval_loss,
+            true,
+        )
+        .accuracy
+    });
+    let summary = Summary {
+        test_accuracy_flip,
+        ..summarize(
+            options,
+            &state.history,
+            devices,
+            &model,
+            train.len(),
+            test.len(),
+            first_step_seconds.unwrap_or(0.0),
+        )
+    };
     write_atomic(
         &artifact_dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
@@ -511,20 +536,27 @@ pub struct Evaluation {
     pub accuracy: f64,
 }
 
-/// Evaluates `model` (in evaluation mode) on `dataset`.
+/// Evaluates `model` (in evaluation mode) on `dataset`; with `flip`, on the mean of the
+/// logits of each image and of its horizontal mirror (test-time augmentation).
 pub fn evaluate(
     model: &ResNet,
     dataset: &Arc<Cifar10Dataset>,
     batch_size: usize,
     device: &Device,
     loss_fn: &CrossEntropyLoss,
+    flip: bool,
 ) -> Evaluation {
     let loader = EpochLoader::eval(dataset.clone(), batch_size);
     let (mut loss_sum, mut correct, mut seen) = (0f64, 0f64, 0usize);
     for host in loader.epoch(0, 2) {
         let n = host.len();
         let Cifar10Batch { images, targets } = host.to_device(device);
-        let logits = model.forward(images);
+        let logits = if flip {
+            let mirrored = model.forward(images.clone().flip([3]));
+            (model.forward(images) + mirrored).mul_scalar(0.5)
+        } else {
+            model.forward(images)
+        };
         let loss = loss_fn.forward(logits.clone(), targets.clone());
         let (l, c) = loss_and_correct(&loss, logits, targets);
         loss_sum += l as f64 * n as f64;
@@ -570,6 +602,7 @@ fn summarize(
         train_images,
         test_images,
         first_step_seconds,
+        test_accuracy_flip: None,
     }
 }
 
@@ -627,12 +660,13 @@ fn load_checkpoint(
         let comparable = |o: &TrainOptions| TrainOptions {
             epochs: 0,
             eval_every: 0,
+            eval_flip: false,
             ..o.clone()
         };
         if comparable(saved) != comparable(options) {
             bail!(
                 "{} was written by a run with other options ({saved:?}); resume with the same \
-                 options (only --epochs and --eval-every may change) or use another \
+                 options (only --epochs, --eval-every and --eval-flip may change) or use another \
                  --artifact-dir",
                 path.display()
             );

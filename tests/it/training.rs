@@ -6,13 +6,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 use burn::module::{Module, ModuleVisitor, Param};
+use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
+use cifar10_burn::augment::flip_horizontal;
+use cifar10_burn::format::encode_batch;
 use cifar10_burn::{Cifar10Dataset, HostBatch, Rng, Split};
 use resnet_burn::{ResNet, ResNetConfig, Stem};
 use resnet_burn_examples::parallel::DataParallel;
 use resnet_burn_examples::train::{
-    Control, EpochMetrics, NonFiniteLoss, Outcome, TrainOptions, train,
+    Control, EpochMetrics, NonFiniteLoss, Outcome, TrainOptions, evaluate, train,
 };
 
 use crate::cifar10::{scratch, write_fake_cifar};
@@ -166,16 +169,19 @@ fn an_interrupted_run_resumes_to_the_same_metrics() {
 }
 
 /// `eval_every: 2` over 3 epochs evaluates epochs 2 and 3 (the last) and trains exactly as
-/// evaluating every epoch does: evaluation changes nothing of the training.
+/// evaluating every epoch does: evaluation changes nothing of the training. `eval_flip`
+/// adds the flip test-time augmentation's accuracy to the summary, and changes nothing else.
 #[test]
 fn evaluating_every_second_epoch_leaves_the_others_blank() {
     let (train_set, test_set) = tiny_data("train-eval-every");
     let devices = [Device::flex()];
     let every = scratch("train-eval-every-1");
     let second = scratch("train-eval-every-2");
-    for (dir, eval_every) in [(&every, 1), (&second, 2)] {
+    let mut flip_accuracies = Vec::new();
+    for (dir, eval_every, eval_flip) in [(&every, 1, false), (&second, 2, true)] {
         let options = TrainOptions {
             eval_every,
+            eval_flip,
             ..tiny_options()
         };
         let outcome = train(
@@ -187,13 +193,66 @@ fn evaluating_every_second_epoch_leaves_the_others_blank() {
             &Control::default(),
         )
         .unwrap();
-        assert!(matches!(outcome, Outcome::Finished(_)));
+        let Outcome::Finished(summary) = outcome else {
+            panic!("not finished: {outcome:?}")
+        };
+        flip_accuracies.push(summary.test_accuracy_flip);
     }
+    assert_eq!(flip_accuracies[0], None);
+    assert!(flip_accuracies[1].is_some_and(|a| (0.0..=1.0).contains(&a)));
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(second.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(written["test_accuracy_flip"].as_f64(), flip_accuracies[1]);
     let (every, second) = (results(&every), results(&second));
     assert_eq!(second.len(), 3);
     assert_eq!(second[0][..4], every[0][..4], "epoch 1 trained differently");
     assert_eq!(second[0][4..], ["", ""], "epoch 1 was evaluated");
     assert_eq!(second[1..], every[1..]);
+}
+
+/// Flip test-time augmentation scores a test set and its mirror image alike (the mean of
+/// the logits of an image and its mirror is the same for both), where plain evaluation does
+/// not; so it flips the width, and it flips.
+#[test]
+fn flip_evaluation_scores_a_set_and_its_mirror_image_alike() {
+    let dir = scratch("eval-flip");
+    write_fake_cifar(&dir, 16);
+    let test = Cifar10Dataset::new(&dir, Split::Test).unwrap();
+    let mirrored_dir = scratch("eval-flip-mirrored");
+    let mirrored_images: Vec<Vec<u8>> = (0..test.len())
+        .map(|i| flip_horizontal(test.image(i).unwrap()))
+        .collect();
+    let records = test
+        .labels()
+        .iter()
+        .copied()
+        .zip(mirrored_images.iter().map(Vec::as_slice));
+    std::fs::write(mirrored_dir.join("test_batch.bin"), encode_batch(records)).unwrap();
+    let mirrored = Cifar10Dataset::new(&mirrored_dir, Split::Test).unwrap();
+    let (test, mirrored) = (Arc::new(test), Arc::new(mirrored));
+
+    let device = Device::flex();
+    let model = ResNetConfig::resnet18(10)
+        .with_stem(Stem::Cifar)
+        .with_base_channels(4)
+        .init(&device);
+    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let score = |set: &Arc<Cifar10Dataset>, flip| evaluate(&model, set, 8, &device, &loss_fn, flip);
+    let (plain, plain_mirrored) = (score(&test, false), score(&mirrored, false));
+    let (flip, flip_mirrored) = (score(&test, true), score(&mirrored, true));
+    assert!(
+        (plain.loss - plain_mirrored.loss).abs() > 1e-4,
+        "the fake images are symmetric: {} and {}",
+        plain.loss,
+        plain_mirrored.loss
+    );
+    assert!(
+        (flip.loss - flip_mirrored.loss).abs() < 1e-6,
+        "flip: {} against {} on the mirror images",
+        flip.loss,
+        flip_mirrored.loss
+    );
+    assert_eq!(flip.accuracy, flip_mirrored.accuracy);
 }
 
 #[test]
