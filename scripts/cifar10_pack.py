@@ -97,7 +97,10 @@ def main():
         for line in pathlib.Path(args.sums).read_text().splitlines():
             digest, name = line.split()
             sums[pathlib.Path(name.lstrip("*")).name] = digest
-    for packed in sorted(source.glob("*.pk")):
+    packed_files = sorted(source.glob("*.pk"))
+    if not packed_files:
+        sys.exit(f"no packed batches (*.pk) in {source}: was it carried?")
+    for packed in packed_files:
         name = packed.name[: -len(".pk")]
         raw = unpack(packed.read_bytes())
         if ".part" in name:
