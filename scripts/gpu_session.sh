@@ -19,7 +19,9 @@
 #     (--eval-flip; EVAL_FLIP=0 skips it).
 #
 # RESNET_BURN_GPU_CONV=im2col in the environment makes the benches and the example use
-# resnet-burn's im2col convolutions (resnet_burn::GpuConv) instead of Burn's.
+# resnet-burn's im2col convolutions (resnet_burn::GpuConv) instead of Burn's. Stage 2 without
+# it trains with stage 1's choice, unless that was im2col and its probe was slower than Burn's
+# convolutions ($BURN_IPS, default 1210: images/s at batch 256 on the H200 on 2026-11-28).
 #
 # Building what stage 1 carries (here, x86-64 like the GPU machine):
 #   cargo build --release --example cifar10 && cargo bench --bench resnet --no-run
@@ -79,6 +81,7 @@ if [ "$stage" = 1 ]; then
         --limit-train $((BATCH * ${PROBE_STEPS:-60})) --limit-test 2000 --no-progress $EXTRA \
         --artifact-dir "$WORK/probe-run" 2>&1 | tee "$OUT/probe.log"
     cp "$WORK/probe-run/metrics.csv" "$OUT/probe-metrics.csv"
+    echo "${RESNET_BURN_GPU_CONV:-burn}" > "$WORK/probe-conv"
     stamp "probe done"
 
     [ "${PROFILE:-1}" = 1 ] || { stamp "stage 1 done"; exit 0; }
@@ -127,11 +130,22 @@ if [ -z "$ips" ]; then
     echo "no speed from stage 1's probe ($WORK/probe-run/metrics.csv): assuming 1000 images/s"
     ips=1000
 fi
+probe_conv=$(cat "$WORK/probe-conv" 2>/dev/null || echo burn)
+burn_ips=${BURN_IPS:-1210}
+conv=${RESNET_BURN_GPU_CONV:-$probe_conv}
+if [ -z "${RESNET_BURN_GPU_CONV:-}" ] && [ "$probe_conv" = im2col ] &&
+    awk -v a="$ips" -v b="$burn_ips" 'BEGIN { exit !(a < b) }'; then
+    echo "stage 1's probe ran im2col at $ips images/s, under Burn's $burn_ips: training with Burn's"
+    conv=burn
+fi
+[ "$conv" = burn ] && [ "$probe_conv" != burn ] && ips=$burn_ips
+export RESNET_BURN_GPU_CONV=$conv
+stamp "convolutions: $conv"
 epochs=${EPOCHS:-$(awk -v ips="$ips" -v budget="$budget" -v every="$every" -v flip="$flip" 'BEGIN {
     test = 10000 / (1.2 * ips); epoch = 50000 / ips + test / every
     e = int((budget - 40 - 2 * flip * test) / epoch)
     print (e < 1 ? 1 : e) }')}
-stamp "training $epochs epochs in at most ${budget}s (probe: $ips images/s)"
+stamp "training $epochs epochs in at most ${budget}s (expecting $ips images/s)"
 timeout -k 20 -s INT "$budget" "$BIN" --backend "$BACKEND" --data-dir "$WORK/cifar" --epochs "$epochs" \
     --batch-size "$BATCH" --lr "$LR" --eval-every "$every" $([ "$flip" = 1 ] && echo --eval-flip) \
     --no-progress $EXTRA --artifact-dir "$WORK/run" 2>&1 | tee "$OUT/train.log"
