@@ -129,7 +129,7 @@ struct Args {
     #[arg(long, default_value = "artifacts/cifar10")]
     artifact_dir: PathBuf,
     /// Continue from the checkpoint in --artifact-dir (same options; --epochs may grow,
-    /// --eval-every may change).
+    /// --eval-every and --eval-flip may change).
     #[arg(long)]
     resume: bool,
     /// Train on the first N training images only (quick runs).
