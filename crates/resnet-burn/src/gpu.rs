@@ -1,4 +1,4 @@
-//! Convolutions on the GPU backends as im2col + one batched matrix product, in Burn tensor ops.
+//! Convolutions on the GPU backends as im2col + batched matrix products, in Burn tensor ops.
 //!
 //! On an H200 through wgpu (Burn 0.22.1, f32), Burn's autotune runs ResNet-18's 3x3
 //! forward convolutions with its direct kernel: 4.6-14.7 ms each at batch 256, 149 ms of a
@@ -8,7 +8,9 @@
 //! and a 1x1-only im2col. Here the convolution is written as what the backward already does
 //! well: the `k * k` shifted (strided) views of the padded input stacked into
 //! `[batch, in_channels * k * k, out_h * out_w]`, multiplied by the weight as
-//! `[1, out_channels, in_channels * k * k]`. Autodiff differentiates it like any tensor code.
+//! `[1, out_channels, in_channels * k * k]`, in chunks of images that keep that matrix within
+//! 128 MiB (one chunk for most layers at batch 64). Autodiff differentiates it like any tensor
+//! code.
 //!
 //! It is opt-in ([`set_gpu_conv`], or `RESNET_BURN_GPU_CONV=im2col`) until its speed has been
 //! measured on a GPU; the CPU backends have their own kernels ([`crate::cpu`]) and never use it.
@@ -27,7 +29,7 @@ pub enum GpuConv {
     /// Burn's `Conv2d` (its autotuned kernels).
     #[default]
     Burn,
-    /// im2col + one batched matrix product in Burn tensor ops (ungrouped, undilated
+    /// im2col + batched matrix products in Burn tensor ops (ungrouped, undilated
     /// convolutions larger than 1x1; the others stay Burn's).
     Im2col,
 }
