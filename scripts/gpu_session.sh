@@ -129,15 +129,16 @@ fi
 budget=${TRAIN_SECONDS:-400}
 every=${EVAL_EVERY:-1}
 flip=${EVAL_FLIP:-1}
-ips=$(awk -F, 'NR > 1 { v = $8 } END { print v }' "$WORK/probe-run/metrics.csv" 2>/dev/null)
-if [ -z "$ips" ]; then
-    echo "no speed from stage 1's probe ($WORK/probe-run/metrics.csv): assuming 1000 images/s"
-    ips=1000
-fi
 probe_conv=$(cat "$WORK/probe-conv" 2>/dev/null || echo burn)
 burn_ips=${BURN_IPS:-1210}
 conv=${RESNET_BURN_GPU_CONV:-$probe_conv}
-if [ -z "${RESNET_BURN_GPU_CONV:-}" ] && [ "$probe_conv" = im2col ] &&
+ips=$(awk -F, 'NR > 1 { v = $8 } END { print v }' "$WORK/probe-run/metrics.csv" 2>/dev/null)
+if [ -z "$ips" ]; then
+    # A probe that failed says nothing for its convolution: Burn's, unless one was asked for.
+    echo "no speed from stage 1's probe ($WORK/probe-run/metrics.csv): assuming Burn's $burn_ips images/s"
+    ips=$burn_ips
+    [ -z "${RESNET_BURN_GPU_CONV:-}" ] && conv=burn
+elif [ -z "${RESNET_BURN_GPU_CONV:-}" ] && [ "$probe_conv" = im2col ] &&
     awk -v a="$ips" -v b="$burn_ips" 'BEGIN { exit !(a < b) }'; then
     echo "stage 1's probe ran im2col at $ips images/s, under Burn's $burn_ips: training with Burn's"
     conv=burn
