@@ -71,8 +71,8 @@ if [ "$stage" = 1 ]; then
     # Training probe on the batches that are here (1, 2, 2 again as 3-5 and as the test set:
     # speed only, its accuracy means nothing): time to the first step with a cold autotune
     # cache, then steady images/s in the second epoch. The CubeCL cache it leaves (autotune
-    # results and kernels in target/environment, kept while the machine is warm) serves the
-    # profile and stage 2.
+    # results in target/environment, kept while the machine is warm) serves the profile and
+    # stage 2.
     P=$WORK/probe-data
     mkdir -p "$P"
     for i in 1 2 3 4 5; do ln -sf "$WORK/cifar/data_batch_$(( (i - 1) % 2 + 1 )).bin" "$P/data_batch_$i.bin"; done
