@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 5 and 6, as three calls of the device tool (see ../shared/GPU.md and
 # the tool's README): the session has 15 minutes of device time and each call carries 64 MiB,
-# so the binaries are built here (25.5 MB compressed) and CIFAR-10 travels packed
+# so the binaries are built here (25.4 MB compressed) and CIFAR-10 travels packed
 # (scripts/cifar10_pack.py) in three pieces, .device/call1, call2 and call3 (ignored folders,
 # carried). What a call unpacks stays in $WORK while the machine is warm (30 s between calls).
 #
-#   stage 1 (carry .gl .device/call1): GPU, binaries, batches 1 and 2; criterion benches on wgpu
-#     against PyTorch on CUDA (benches/compare.py; BENCHES=0 skips them: on 2026-11-28 they
-#     ran into their 200 s limit before PyTorch's ResNet-50 cases); a training probe (time to the first step with a cold
-#     autotune cache, steady images/s); ten steps with CubeCL's kernel profiler (PROFILE=0
-#     skips them).
+#   stage 1 (carry .gl .device/call1): GPU, binaries, batches 1 and 2; criterion benches on
+#     wgpu against PyTorch on CUDA (benches/compare.py; BENCHES=0 skips them: on 2026-11-28
+#     they ran into their 200 s limit before PyTorch's ResNet-50 cases); a training probe
+#     (time to the first step with a cold autotune cache, steady images/s); ten steps with
+#     CubeCL's kernel profiler (PROFILE=0 skips them).
 #   unpack DIR (carry DIR): more of CIFAR-10 (.device/call2: batches 3-5), nothing else.
 #   stage 2 [DIR] (carry DIR, default .device/call3: the test batch): the rest of CIFAR-10,
 #     all of it checked against CIFAR10-SHA256SUMS; PyTorch's training images/s for the
-#     same model and batch (fp32 and TF32) and its ResNet-50 bench cases; ResNet-18 trained on the full set for as many
-#     epochs as fit in $TRAIN_SECONDS at the probe's speed, evaluated every $EVAL_EVERY
-#     epochs (default 1) and after the last, then once more with flip test-time augmentation
-#     (--eval-flip; EVAL_FLIP=0 skips it).
+#     same model and batch (fp32 and TF32) and its ResNet-50 bench cases; ResNet-18 trained
+#     on the full set for as many epochs as fit in $TRAIN_SECONDS at the probe's speed,
+#     evaluated every $EVAL_EVERY epochs (default 1) and after the last, then once more with
+#     flip test-time augmentation (--eval-flip; EVAL_FLIP=0 skips it).
 #
 # RESNET_BURN_GPU_CONV=im2col in the environment makes the benches and the example use
 # resnet-burn's im2col convolutions (resnet_burn::GpuConv) instead of Burn's. Stage 2 without
