@@ -103,8 +103,7 @@ pub(crate) fn conv_im2col(conv: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
 /// chunks of as many images as fit, and one image that does not fit is left to Burn (`None`).
 fn conv_im2col_within(conv: &Conv2d, x: &Tensor<4>, max_bytes: usize) -> Option<Tensor<4>> {
     let [out_channels, in_channels, kh, kw] = conv.weight.dims();
-    let channels = x.dims()[1];
-    let [height, width] = [x.dims()[2], x.dims()[3]];
+    let [batch, channels, height, width] = x.dims();
     if !is_plain(conv) || kh * kw == 1 || channels != in_channels {
         return None;
     }
@@ -131,11 +130,17 @@ fn conv_im2col_within(conv: &Conv2d, x: &Tensor<4>, max_bytes: usize) -> Option<
         )
     };
     let weight = conv.weight.val().reshape([1, out_channels, rows]);
-    let mut outputs: Vec<Tensor<4>> = padded
-        .split(images_per_chunk, 0)
+    // Split only when needed: a split of one chunk is still a slice, which autodiff undoes
+    // with a zero-filled copy of the whole input in the backward.
+    let chunks = if batch > images_per_chunk {
+        padded.split(images_per_chunk, 0)
+    } else {
+        vec![padded]
+    };
+    let mut outputs: Vec<Tensor<4>> = chunks
         .into_iter()
         .map(|images| {
-            let batch = images.dims()[0];
+            let images_here = images.dims()[0];
             let taps: Vec<Tensor<4>> = (0..kh)
                 .flat_map(|ky| (0..kw).map(move |kx| (ky, kx)))
                 .map(|(ky, kx)| {
@@ -149,11 +154,11 @@ fn conv_im2col_within(conv: &Conv2d, x: &Tensor<4>, max_bytes: usize) -> Option<
                 .collect();
             // [batch, in_channels, k*k, out_h, out_w]: row (c, ky, kx) as in the weight's
             // layout.
-            let columns = Tensor::stack::<5>(taps, 2).reshape([batch, rows, out_h * out_w]);
+            let columns = Tensor::stack::<5>(taps, 2).reshape([images_here, rows, out_h * out_w]);
             weight
                 .clone()
                 .matmul(columns)
-                .reshape([batch, out_channels, out_h, out_w])
+                .reshape([images_here, out_channels, out_h, out_w])
         })
         .collect();
     if outputs.len() == 1 {
