@@ -24,10 +24,11 @@ pub(crate) fn conv_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, relu: bool) -
 
 /// `conv.forward(x)` as [`crate::ResNet`] computes it on `x`'s device: on the CPU backends
 /// (flex, ndarray) with this crate's own kernels, on the others as im2col + matrix product
-/// when [`crate::gpu_conv`] is [`crate::GpuConv::Im2col`], else with Burn's. The result is
-/// the same either way (to float rounding); use it in your own layers for the same speed.
-/// Convolutions that none of these paths covers (grouped, dilated, with a bias, ...) run
-/// as Burn's.
+/// when [`crate::gpu_conv`] is [`crate::GpuConv::Im2col`], else with Burn's, and in f16
+/// when [`crate::gpu_precision`] is [`crate::GpuPrecision::F16`]. The result is the same
+/// either way (to float rounding, f16's when chosen); use it in your own layers for the same
+/// speed. Convolutions that none of these paths covers (grouped, dilated, with a bias, ...)
+/// run as Burn's.
 ///
 /// ```
 /// use burn::nn::conv::Conv2dConfig;
@@ -49,12 +50,7 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     if crate::cpu::on_host(&x.device()) {
         return crate::cpu::conv(conv, x);
     }
-    if crate::gpu_conv() == crate::GpuConv::Im2col
-        && let Some(out) = crate::gpu::conv_im2col(conv, &x)
-    {
-        return out;
-    }
-    conv.forward(x)
+    crate::gpu::conv(conv, x)
 }
 
 /// `relu(bn(conv(x)) + residual)`: the end of a residual block.

@@ -15,11 +15,13 @@
 //! It is opt-in ([`set_gpu_conv`], or `RESNET_BURN_GPU_CONV=im2col`) until its speed has been
 //! measured on a GPU; the CPU backends have their own kernels ([`crate::cpu`]) and never use it.
 
+use std::str::FromStr;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use burn::nn::conv::Conv2d;
-use burn::tensor::ops::PadMode;
-use burn::tensor::{Slice, Tensor};
+use burn::tensor::module::conv2d as burn_conv2d;
+use burn::tensor::ops::{ConvOptions, PadMode};
+use burn::tensor::{DType, FloatDType, Slice, Tensor};
 
 use crate::geometry::{is_plain, output_size, symmetric_padding};
 
@@ -34,7 +36,7 @@ pub enum GpuConv {
     Im2col,
 }
 
-impl std::str::FromStr for GpuConv {
+impl FromStr for GpuConv {
     type Err = String;
 
     /// `burn` or `im2col`.
@@ -47,44 +49,173 @@ impl std::str::FromStr for GpuConv {
     }
 }
 
-const UNSET: u8 = u8::MAX;
-static GPU_CONV: AtomicU8 = AtomicU8::new(UNSET);
+/// The float type convolutions compute in on a GPU backend, as PyTorch's autocast does for
+/// convolutions: with [`GpuPrecision::F16`] an f32 input and the weight are cast to f16, the
+/// convolution runs in f16 (with the f32 accumulation of Burn's matrix kernels, on tensor
+/// cores where the device has them), and its output is cast back to f32. Everything else
+/// (BatchNorm, the residual sums, the head, the parameters and the optimizer) stays f32.
+///
+/// Gradients through an f16 convolution can underflow: train with loss scaling, as the
+/// CIFAR-10 example does for `--precision f16`. Devices without f16 arithmetic, and the CPU
+/// backends, compute in f32 regardless.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuPrecision {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// Convolutions in f16, the rest in f32.
+    F16,
+}
+
+impl FromStr for GpuPrecision {
+    type Err = String;
+
+    /// `f32` or `f16`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "f32" => Ok(GpuPrecision::F32),
+            "f16" => Ok(GpuPrecision::F16),
+            _ => Err(format!("{text:?} is neither \"f32\" nor \"f16\"")),
+        }
+    }
+}
+
+/// The variants of a process-wide choice, in a fixed order (stored as an index).
+trait Variants: 'static + Copy + PartialEq + Default + std::fmt::Debug + FromStr<Err = String> {
+    const ALL: &'static [Self];
+}
+
+impl Variants for GpuConv {
+    const ALL: &[Self] = &[GpuConv::Burn, GpuConv::Im2col];
+}
+
+impl Variants for GpuPrecision {
+    const ALL: &[Self] = &[GpuPrecision::F32, GpuPrecision::F16];
+}
+
+/// A process-wide choice: set by a call, or else read once from the environment variable
+/// `var` (unset: the default; a value that does not parse is reported on stderr and read as
+/// the default).
+struct Choice {
+    index: AtomicU8,
+    var: &'static str,
+}
+
+impl Choice {
+    const UNSET: u8 = u8::MAX;
+
+    const fn new(var: &'static str) -> Self {
+        Self {
+            index: AtomicU8::new(Self::UNSET),
+            var,
+        }
+    }
+
+    fn set<T: Variants>(&self, choice: T) {
+        self.index.store(Self::index_of(choice), Ordering::Relaxed);
+    }
+
+    fn get<T: Variants>(&self) -> T {
+        let mut index = self.index.load(Ordering::Relaxed);
+        if index == Self::UNSET {
+            let from_env = Self::index_of(self.read_env::<T>());
+            // An explicit choice made meanwhile wins over the environment.
+            index = match self.index.compare_exchange(
+                Self::UNSET,
+                from_env,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => from_env,
+                Err(current) => current,
+            };
+        }
+        T::ALL[usize::from(index)]
+    }
+
+    fn index_of<T: Variants>(choice: T) -> u8 {
+        T::ALL.iter().position(|v| *v == choice).expect("a variant") as u8
+    }
+
+    fn read_env<T: Variants>(&self) -> T {
+        let Ok(text) = std::env::var(self.var) else {
+            return T::default();
+        };
+        text.parse().unwrap_or_else(|error| {
+            let default = T::default();
+            eprintln!("resnet-burn: {}={error}; using {default:?}", self.var);
+            default
+        })
+    }
+}
+
+static GPU_CONV: Choice = Choice::new("RESNET_BURN_GPU_CONV");
+static GPU_PRECISION: Choice = Choice::new("RESNET_BURN_GPU_PRECISION");
 
 /// Chooses how convolutions run on GPU backends, for the whole process. Without a call the
 /// choice is read once from `RESNET_BURN_GPU_CONV` (`burn` or `im2col`; default `burn`).
 pub fn set_gpu_conv(choice: GpuConv) {
-    GPU_CONV.store(choice as u8, Ordering::Relaxed);
+    GPU_CONV.set(choice);
 }
 
 /// The current choice (see [`set_gpu_conv`]).
 pub fn gpu_conv() -> GpuConv {
-    let mut value = GPU_CONV.load(Ordering::Relaxed);
-    if value == UNSET {
-        let choice = from_env() as u8;
-        // An explicit choice made meanwhile wins over the environment.
-        value = match GPU_CONV.compare_exchange(UNSET, choice, Ordering::Relaxed, Ordering::Relaxed)
-        {
-            Ok(_) => choice,
-            Err(current) => current,
-        };
-    }
-    if value == GpuConv::Im2col as u8 {
-        GpuConv::Im2col
-    } else {
-        GpuConv::Burn
-    }
+    GPU_CONV.get()
 }
 
-/// `RESNET_BURN_GPU_CONV`: `im2col`, or `burn` (also when unset; any other value is reported
-/// on stderr and read as `burn`).
-fn from_env() -> GpuConv {
-    let Ok(text) = std::env::var("RESNET_BURN_GPU_CONV") else {
-        return GpuConv::Burn;
+/// Chooses the float type of convolutions on GPU backends ([`GpuPrecision`]), for the whole
+/// process. Without a call the choice is read once from `RESNET_BURN_GPU_PRECISION` (`f32` or
+/// `f16`; default `f32`).
+pub fn set_gpu_precision(choice: GpuPrecision) {
+    GPU_PRECISION.set(choice);
+}
+
+/// The current choice (see [`set_gpu_precision`]).
+pub fn gpu_precision() -> GpuPrecision {
+    GPU_PRECISION.get()
+}
+
+/// `conv(x)` on a GPU backend, as [`gpu_conv`] and [`gpu_precision`] choose.
+pub(crate) fn conv(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    conv_with(conv, x, gpu_conv(), gpu_precision())
+}
+
+/// `conv(x)` computed as `how` and in `precision` says.
+fn conv_with(conv: &Conv2d, x: Tensor<4>, how: GpuConv, precision: GpuPrecision) -> Tensor<4> {
+    let im2col = how == GpuConv::Im2col;
+    let Some(dtype) = reduced_dtype(&x, precision) else {
+        let weight = conv.weight.val();
+        return im2col
+            .then(|| conv_im2col(conv, &weight, &x))
+            .flatten()
+            .unwrap_or_else(|| conv.forward(x));
     };
-    text.parse().unwrap_or_else(|error| {
-        eprintln!("resnet-burn: RESNET_BURN_GPU_CONV={error}; using Burn's convolutions");
-        GpuConv::Burn
-    })
+    let Some(padding) = symmetric_padding(&conv.padding) else {
+        return conv.forward(x);
+    };
+    let output_dtype = x.dtype();
+    let x = x.cast(dtype);
+    let weight = conv.weight.val().cast(dtype);
+    let out = im2col
+        .then(|| conv_im2col(conv, &weight, &x))
+        .flatten()
+        .unwrap_or_else(|| {
+            let bias = conv.bias.as_ref().map(|b| b.val().cast(dtype));
+            let options = ConvOptions::new(conv.stride, padding, conv.dilation, conv.groups);
+            burn_conv2d(x, weight, bias, options)
+        });
+    out.cast(output_dtype)
+}
+
+/// The float type to compute `x`'s convolutions in, if `precision` asks for a narrower one
+/// than `x`'s and `x`'s device computes in it.
+fn reduced_dtype(x: &Tensor<4>, precision: GpuPrecision) -> Option<FloatDType> {
+    match precision {
+        GpuPrecision::F32 => None,
+        GpuPrecision::F16 => (x.dtype() == DType::F32 && x.device().supports_dtype(DType::F16))
+            .then_some(FloatDType::F16),
+    }
 }
 
 /// The most bytes of im2col matrix built at once: 128 MiB, the largest storage buffer that
@@ -95,14 +226,19 @@ const MAX_COLUMNS_BYTES: usize = 128 << 20;
 
 /// `conv(x)` as im2col + matrix product when `conv` is ungrouped, undilated, bias-free,
 /// symmetrically padded and larger than 1x1, and its window fits; `None` otherwise.
-pub(crate) fn conv_im2col(conv: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
-    conv_im2col_within(conv, x, MAX_COLUMNS_BYTES)
+pub(crate) fn conv_im2col(conv: &Conv2d, weight: &Tensor<4>, x: &Tensor<4>) -> Option<Tensor<4>> {
+    conv_im2col_within(conv, weight, x, MAX_COLUMNS_BYTES)
 }
 
 /// [`conv_im2col`] with at most `max_bytes` of im2col matrix at once: the batch runs in
 /// chunks of as many images as fit, and one image that does not fit is left to Burn (`None`).
-fn conv_im2col_within(conv: &Conv2d, x: &Tensor<4>, max_bytes: usize) -> Option<Tensor<4>> {
-    let [out_channels, in_channels, kh, kw] = conv.weight.dims();
+fn conv_im2col_within(
+    conv: &Conv2d,
+    weight: &Tensor<4>,
+    x: &Tensor<4>,
+    max_bytes: usize,
+) -> Option<Tensor<4>> {
+    let [out_channels, in_channels, kh, kw] = weight.dims();
     let [batch, channels, height, width] = x.dims();
     if !is_plain(conv) || kh * kw == 1 || channels != in_channels {
         return None;
@@ -129,7 +265,7 @@ fn conv_im2col_within(conv: &Conv2d, x: &Tensor<4>, max_bytes: usize) -> Option<
             step as isize,
         )
     };
-    let weight = conv.weight.val().reshape([1, out_channels, rows]);
+    let weight = weight.clone().reshape([1, out_channels, rows]);
     // Split only when needed: a split of one chunk is still a slice, which autodiff undoes
     // with a zero-filled copy of the whole input in the backward.
     let chunks = if batch > images_per_chunk {
@@ -174,7 +310,7 @@ mod tests {
     use crate::testing::{devices, relative_difference};
     use burn::nn::PaddingConfig2d;
     use burn::nn::conv::Conv2dConfig;
-    use burn::tensor::Distribution;
+    use burn::tensor::{Device, Distribution};
 
     /// The output and both gradients against Burn's `Conv2d` and its backward, for every
     /// geometry ResNet uses and a non-square one, on every device.
@@ -211,8 +347,8 @@ mod tests {
                 let case = format!(
                     "{device:?} {batch}x{cin}x{h}x{w}, {cout} {k}x{k}/{stride} pad {padding}"
                 );
-                let got = conv_im2col(&conv, &x).expect("applies");
-                assert_matches_burn(&case, &conv, &x, got);
+                let got = conv_im2col(&conv, &conv.weight.val(), &x).expect("applies");
+                assert_matches_burn(&case, &conv, &x, got, 1e-5);
             }
         }
     }
@@ -231,15 +367,22 @@ mod tests {
             let x = Tensor::<4>::random([5, 3, 6, 6], Distribution::Normal(0.0, 1.0), &device)
                 .require_grad();
             let image_bytes = 3 * 3 * 3 * 6 * 6 * size_of::<f32>();
-            let got = conv_im2col_within(&conv, &x, 2 * image_bytes + 1).expect("applies");
-            assert_matches_burn(&format!("{device:?} in chunks"), &conv, &x, got);
-            assert!(conv_im2col_within(&conv, &x, image_bytes - 1).is_none());
+            let got = conv_im2col_within(&conv, &conv.weight.val(), &x, 2 * image_bytes + 1)
+                .expect("applies");
+            assert_matches_burn(&format!("{device:?} in chunks"), &conv, &x, got, 1e-5);
+            assert!(conv_im2col_within(&conv, &conv.weight.val(), &x, image_bytes - 1).is_none());
         }
     }
 
     /// `got` (from `conv` and `x`) against Burn's `conv.forward(x)`: the output, and the
-    /// gradients of both `x` and the weight, to 1e-5.
-    fn assert_matches_burn(case: &str, conv: &Conv2d, x: &Tensor<4>, got: Tensor<4>) {
+    /// gradients of both `x` and the weight (all f32), to `tolerance`.
+    fn assert_matches_burn(
+        case: &str,
+        conv: &Conv2d,
+        x: &Tensor<4>,
+        got: Tensor<4>,
+        tolerance: f32,
+    ) {
         let expected = conv.forward(x.clone());
         assert_eq!(got.dims(), expected.dims(), "{case}");
         let weights = Tensor::<4>::random(
@@ -250,41 +393,92 @@ mod tests {
         let grads_expected = (expected.clone() * weights.clone()).sum().backward();
         let grads_got = (got.clone() * weights).sum().backward();
         let output = relative_difference(got.inner(), expected.inner());
-        assert!(output < 1e-5, "{case}: output differs by {output}");
-        let dx = relative_difference(
-            x.grad(&grads_got).expect("x grad"),
-            x.grad(&grads_expected).expect("x grad"),
-        );
-        assert!(dx < 1e-5, "{case}: input gradient differs by {dx}");
+        assert!(output < tolerance, "{case}: output differs by {output}");
+        let x_grad = x.grad(&grads_got).expect("x grad");
+        assert_eq!(x_grad.dtype(), DType::F32, "{case}");
+        let dx = relative_difference(x_grad, x.grad(&grads_expected).expect("x grad"));
+        assert!(dx < tolerance, "{case}: input gradient differs by {dx}");
+        let w_grad = conv.weight.grad(&grads_got).expect("weight grad");
+        assert_eq!(w_grad.dtype(), DType::F32, "{case}");
         let dw = relative_difference(
-            conv.weight.grad(&grads_got).expect("weight grad"),
+            w_grad,
             conv.weight.grad(&grads_expected).expect("weight grad"),
         );
-        assert!(dw < 1e-5, "{case}: weight gradient differs by {dw}");
+        assert!(dw < tolerance, "{case}: weight gradient differs by {dw}");
     }
 
-    /// An explicit choice holds for the process until the next one. (The only test that
-    /// sets it: the others call `conv_im2col` directly.)
+    /// On every GPU device (lavapipe in CI), f16 convolutions, Burn's and im2col, with and
+    /// without bias, return f32 and differ from the f32 convolution by f16 rounding only, in
+    /// the output and both gradients; f32 precision leaves the convolution as it was.
+    #[cfg(feature = "wgpu")]
     #[test]
-    fn the_choice_is_explicit_and_process_wide() {
-        set_gpu_conv(GpuConv::Im2col);
-        assert_eq!(gpu_conv(), GpuConv::Im2col);
+    fn f16_convolutions_match_f32_to_f16_rounding() {
+        let gpus: Vec<Device> = devices()
+            .into_iter()
+            .filter_map(|(device, gpu)| gpu.then(|| device.autodiff()))
+            .collect();
+        assert!(!gpus.is_empty(), "the wgpu feature gives a GPU device");
+        for device in gpus {
+            assert!(
+                device.supports_dtype(DType::F16),
+                "{device:?} has no f16 arithmetic: this test needs one that has"
+            );
+            for bias in [false, true] {
+                let conv = Conv2dConfig::new([8, 16], [3, 3])
+                    .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                    .with_bias(bias)
+                    .init(&device);
+                let x = Tensor::<4>::random([3, 8, 9, 9], Distribution::Normal(0.0, 1.0), &device)
+                    .require_grad();
+                for how in [GpuConv::Burn, GpuConv::Im2col] {
+                    let case = format!("{device:?} {how:?} bias {bias}");
+                    let exact = conv_with(&conv, x.clone(), how, GpuPrecision::F32);
+                    assert_matches_burn(&case, &conv, &x, exact, 1e-5);
+                    let got = conv_with(&conv, x.clone(), how, GpuPrecision::F16);
+                    assert_eq!(got.dtype(), DType::F32, "{case}");
+                    let rounding =
+                        relative_difference(got.clone().inner(), conv.forward(x.clone()).inner());
+                    assert!(rounding > 1e-6, "{case}: not computed in f16 ({rounding})");
+                    assert_matches_burn(&case, &conv, &x, got, 5e-3);
+                }
+            }
+        }
+    }
+
+    /// An explicit choice holds for the process until the next one and wins over the
+    /// environment. (A choice of its own: the global ones would change what other tests
+    /// running at the same time compute.)
+    #[test]
+    fn a_choice_is_explicit_and_process_wide() {
+        static CHOICE: Choice = Choice::new("RESNET_BURN_TEST_CHOICE_UNSET");
+        assert_eq!(CHOICE.get::<GpuPrecision>(), GpuPrecision::F32);
+        CHOICE.set(GpuPrecision::F16);
+        assert_eq!(CHOICE.get::<GpuPrecision>(), GpuPrecision::F16);
         assert_eq!(
-            std::thread::spawn(gpu_conv).join().unwrap(),
-            GpuConv::Im2col
+            std::thread::spawn(|| CHOICE.get::<GpuPrecision>())
+                .join()
+                .unwrap(),
+            GpuPrecision::F16
         );
-        set_gpu_conv(GpuConv::Burn);
-        assert_eq!(gpu_conv(), GpuConv::Burn);
+        CHOICE.set(GpuPrecision::F32);
+        assert_eq!(CHOICE.get::<GpuPrecision>(), GpuPrecision::F32);
     }
 
-    /// The names `--gpu-conv` and `RESNET_BURN_GPU_CONV` take, and the error for others.
+    /// The names `--gpu-conv`, `--precision` and their environment variables take, and the
+    /// error for others.
     #[test]
-    fn parses_its_two_names() {
+    fn parses_the_names_of_the_choices() {
         assert_eq!("burn".parse(), Ok(GpuConv::Burn));
         assert_eq!("im2col".parse(), Ok(GpuConv::Im2col));
         assert_eq!(
             "Im2col".parse::<GpuConv>(),
             Err("\"Im2col\" is neither \"burn\" nor \"im2col\"".to_string())
+        );
+        assert_eq!("f32".parse(), Ok(GpuPrecision::F32));
+        assert_eq!("f16".parse(), Ok(GpuPrecision::F16));
+        assert_eq!(
+            "bf16".parse::<GpuPrecision>(),
+            Err("\"bf16\" is neither \"f32\" nor \"f16\"".to_string())
         );
     }
 
@@ -306,7 +500,7 @@ mod tests {
             .init(&device);
         let biased = Conv2dConfig::new([4, 4], [3, 3]).init(&device);
         for conv in [grouped, dilated, pointwise, biased] {
-            assert!(conv_im2col(&conv, &x).is_none());
+            assert!(conv_im2col(&conv, &conv.weight.val(), &x).is_none());
         }
     }
 }

@@ -19,7 +19,8 @@
 //! - [`ResNetConfig`] ([`config`]): what to build; presets such as [`ResNetConfig::resnet50`],
 //!   torchvision's knobs (`groups`, `width_per_group`, `replace_stride_with_dilation`,
 //!   `zero_init_residual`), `in_channels` and the [`Stem`]; [`ConfigError`] when it
-//!   cannot be built.
+//!   cannot be built; [`ResNetConfig::try_init_seeded`] for the same initial weights on every
+//!   backend from a seed of one's own.
 //! - [`ResNet`] ([`resnet`]): the network; [`forward`](ResNet::forward),
 //!   [`forward_features`](ResNet::forward_features),
 //!   [`forward_stages`](ResNet::forward_stages), [`with_new_head`](ResNet::with_new_head),
@@ -51,13 +52,14 @@ mod gpu;
 pub mod pretrained;
 mod pth;
 pub mod resnet;
+mod seeded;
 #[cfg(test)]
 mod testing;
 pub mod torchvision;
 
 pub use block::{BasicBlock, Bottleneck, Downsample, ResidualBlock, conv2d};
 pub use config::{BlockKind, ConfigError, ResNetConfig, Stem};
-pub use gpu::{GpuConv, gpu_conv, set_gpu_conv};
+pub use gpu::{GpuConv, GpuPrecision, gpu_conv, gpu_precision, set_gpu_conv, set_gpu_precision};
 pub use resnet::{InputError, ResNet};
 pub use torchvision::{ImportError, LoadOptions, StateDictEntry};
 
