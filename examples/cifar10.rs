@@ -11,10 +11,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
-use burn::tensor::{Device, DeviceKind};
+use burn::tensor::{DType, Device, DeviceKind};
 use cifar10_burn::{Cifar10Dataset, Split};
 use clap::Parser;
-use resnet_burn::{GpuConv, ResNetConfig, set_gpu_conv};
+use resnet_burn::{
+    GpuConv, GpuPrecision, ResNetConfig, gpu_precision, set_gpu_conv, set_gpu_precision,
+};
 use resnet_burn_examples::train::{Control, Outcome, TrainOptions, train};
 
 /// One device of `--backend`.
@@ -152,6 +154,12 @@ struct Args {
     /// product, see resnet_burn::GpuConv). Default: $RESNET_BURN_GPU_CONV, else burn.
     #[arg(long)]
     gpu_conv: Option<GpuConv>,
+    /// Float type of the convolutions on a GPU backend: f32, or f16 (on tensor cores where
+    /// the backend has kernels for them; the rest stays f32 and the loss is scaled
+    /// dynamically, see resnet_burn::GpuPrecision). Default: $RESNET_BURN_GPU_PRECISION, else
+    /// f32.
+    #[arg(long)]
+    precision: Option<GpuPrecision>,
 }
 
 fn main() -> Result<()> {
@@ -166,6 +174,10 @@ fn main() -> Result<()> {
     if let Some(choice) = args.gpu_conv {
         set_gpu_conv(choice);
     }
+    if let Some(choice) = args.precision {
+        set_gpu_precision(choice);
+    }
+    let precision = gpu_precision();
     let devices = args
         .backend
         .iter()
@@ -178,7 +190,18 @@ fn main() -> Result<()> {
     #[allow(deprecated)] // ndarray: deprecated by Burn 0.22, still supported
     let on_cpu = |d: &Device| *d == Device::flex() || *d == Device::ndarray();
     if !devices.iter().all(on_cpu) {
-        println!("GPU convolutions: {:?}", resnet_burn::gpu_conv());
+        println!(
+            "GPU convolutions: {:?}, {precision:?}",
+            resnet_burn::gpu_conv()
+        );
+    }
+    for device in devices.iter().filter(|d| !on_cpu(d)) {
+        if precision == GpuPrecision::F16 && !device.supports_dtype(DType::F16) {
+            println!("{device:?} has no f16 arithmetic: its convolutions stay f32");
+        }
+    }
+    if precision == GpuPrecision::F16 && devices.iter().any(on_cpu) {
+        println!("on CPU backends convolutions stay f32; --precision f16 only scales the loss");
     }
 
     let data_dir = data_dir(args.data_dir.clone())?;
@@ -217,6 +240,7 @@ fn main() -> Result<()> {
         limit_test: args.limit_test,
         eval_every: args.eval_every,
         eval_flip: args.eval_flip,
+        precision,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let handler_stop = stop.clone();

@@ -1,12 +1,14 @@
 //! Support code of resnet-burn's examples, benchmarks and integration tests (not
 //! published): the CIFAR-10 training loop ([`train`]) and its data-parallel steps
-//! ([`parallel`]), crash-safe files ([`checkpoint`]), the curves plot ([`plot`]) and the
-//! devices the benchmarks measure ([`mod@bench`]).
+//! ([`parallel`]) with loss scaling for f16 convolutions ([`scaler`]), crash-safe files
+//! ([`checkpoint`]), the curves plot ([`plot`]) and the devices the benchmarks measure
+//! ([`mod@bench`]).
 
 pub mod bench;
 pub mod checkpoint;
 pub mod parallel;
 pub mod plot;
+pub mod scaler;
 pub mod train;
 
 #[cfg(doctest)]

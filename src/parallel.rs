@@ -92,11 +92,17 @@ impl DataParallel {
     }
 
     /// Forward and backward passes of `model` (on the main device) over `batch`, split
-    /// between the devices; returns the summed gradients on the main device.
+    /// between the devices; returns the summed gradients on the main device, of the mean loss
+    /// multiplied by `loss_scale` (1 for none; see [`crate::scaler`]).
     ///
     /// Fails when the batch has fewer images than there are devices, or when a device
     /// fails (its panic message is in the error).
-    pub fn gradients(&self, model: &ResNet, batch: HostBatch) -> Result<StepOutput> {
+    pub fn gradients(
+        &self,
+        model: &ResNet,
+        batch: HostBatch,
+        loss_scale: f32,
+    ) -> Result<StepOutput> {
         let total = batch.len();
         if total < self.num_devices() {
             bail!(
@@ -106,14 +112,15 @@ impl DataParallel {
             );
         }
         if self.workers.is_empty() {
-            return Ok(shard_step(model, batch, &self.main, &self.loss_fn, None));
+            let scale = (loss_scale != 1.0).then_some(loss_scale);
+            return Ok(shard_step(model, batch, &self.main, &self.loss_fn, scale));
         }
         let shards = batch.split(self.num_devices());
         let sizes: Vec<usize> = shards.iter().map(HostBatch::len).collect();
         let mut shards = shards.into_iter();
         let main_batch = shards.next().expect("one shard a device");
         for (worker, shard) in self.workers.iter().zip(shards) {
-            let weight = shard.len() as f32 / total as f32;
+            let weight = loss_scale * shard.len() as f32 / total as f32;
             worker
                 .jobs
                 .send(Job {
@@ -123,7 +130,7 @@ impl DataParallel {
                 })
                 .map_err(|_| worker.gone())?;
         }
-        let weight = sizes[0] as f32 / total as f32;
+        let weight = loss_scale * sizes[0] as f32 / total as f32;
         let main = shard_step(model, main_batch, &self.main, &self.loss_fn, Some(weight));
 
         let mut accumulator = GradientsAccumulator::new();
@@ -275,7 +282,7 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Forward and backward over one shard; the loss is multiplied by `weight` (the shard's
-/// share of the batch) before the backward pass, when given.
+/// share of the batch, times the loss scale) before the backward pass, when given.
 fn shard_step(
     model: &ResNet,
     batch: HostBatch,

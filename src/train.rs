@@ -2,7 +2,8 @@
 //! decay on convolution and linear weights only, linear warm-up then cosine decay of the
 //! learning rate, label smoothing, crop + flip (+ Cutout) augmentation, evaluation with
 //! BatchNorm's running statistics, and crash-safe checkpoints that resume exactly. Given
-//! several devices, it trains data-parallel ([`crate::parallel`]).
+//! several devices, it trains data-parallel ([`crate::parallel`]); with f16 convolutions,
+//! with dynamic loss scaling ([`crate::scaler`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,11 +19,12 @@ use burn::optim::{ModuleOptimizer, SgdConfig};
 use burn::store::ModuleRecord;
 use burn::tensor::{Bytes, Device};
 use cifar10_burn::{Augmentation, Cifar10Batch, Cifar10Dataset, EpochLoader};
-use resnet_burn::{ResNet, ResNetConfig, Stem};
+use resnet_burn::{GpuPrecision, ResNet, ResNetConfig, Stem};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{pack, unpack, write_atomic};
 use crate::parallel::{DataParallel, StepOutput, initialize, loss_and_correct, loss_fn};
+use crate::scaler::{LossScaler, unscale};
 
 /// Everything that decides what a run computes. Saved as `config.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -68,6 +70,12 @@ pub struct TrainOptions {
     /// [`Summary::test_accuracy_flip`]. Like `eval_every`, a resumed run may change it.
     #[serde(default)]
     pub eval_flip: bool,
+    /// The float type of the convolutions on GPU devices. With [`GpuPrecision::F16`] the
+    /// loop scales the loss dynamically ([`crate::scaler`]); the caller chooses the
+    /// convolutions' precision itself with [`resnet_burn::set_gpu_precision`] (it is
+    /// process-wide), as `examples/cifar10.rs` does from the same flag.
+    #[serde(default)]
+    pub precision: GpuPrecision,
 }
 
 fn every_epoch() -> usize {
@@ -95,6 +103,7 @@ impl Default for TrainOptions {
             limit_test: None,
             eval_every: every_epoch(),
             eval_flip: false,
+            precision: GpuPrecision::F32,
         }
     }
 }
@@ -216,6 +225,10 @@ pub struct Summary {
     /// [`TrainOptions::eval_flip`] asked for it.
     #[serde(default)]
     pub test_accuracy_flip: Option<f64>,
+    /// Steps skipped because their gradients overflowed f16 (loss scaling, see
+    /// [`crate::scaler`]); 0 in f32.
+    #[serde(default)]
+    pub skipped_steps: usize,
 }
 
 /// A loss that is NaN or infinite: the run stops, the last checkpoint stays as it was.
@@ -273,6 +286,12 @@ struct RunState {
     epoch_seconds: f64,
     history: Vec<EpochMetrics>,
     options: Option<TrainOptions>,
+    /// Loss scaling, in f16.
+    #[serde(default)]
+    scaler: Option<LossScaler>,
+    /// Steps skipped by loss scaling, over the run.
+    #[serde(default)]
+    skipped_steps: usize,
 }
 
 /// Trains `options.model` on `train` and evaluates on `test` every `options.eval_every`
@@ -312,13 +331,15 @@ pub fn train(
         .with_context(|| format!("creating the artifact folder {}", artifact_dir.display()))?;
     let checkpoint_path = artifact_dir.join("checkpoint.bin");
     let autodiff = replicas.main_device().clone();
-    device.seed(options.seed);
     let training_started = Instant::now();
-    let mut model = config.init(&autodiff);
+    // Drawn from a generator of its own: the same weights on every backend, whatever other
+    // threads draw from Burn's meanwhile.
+    let mut model = config.try_init_seeded(&autodiff, options.seed)?;
     initialize(&model);
     let mut optimizer = options.optimizer()?;
     let mut state = RunState {
         options: Some(options.clone()),
+        scaler: (options.precision == GpuPrecision::F16).then(LossScaler::default),
         ..RunState::default()
     };
     if control.resume && checkpoint_path.exists() {
@@ -371,11 +392,12 @@ pub fn train(
             let step = state.step;
             lr =
                 options.learning_rate(epoch * steps_per_epoch + step, steps_per_epoch, total_steps);
+            let loss_scale = state.scaler.as_ref().map_or(1.0, LossScaler::scale);
             let StepOutput {
-                grads,
+                mut grads,
                 loss: loss_value,
                 correct,
-            } = replicas.gradients(&model, host)?;
+            } = replicas.gradients(&model, host, loss_scale)?;
             if !loss_value.is_finite() {
                 bar.abandon();
                 return Err(NonFiniteLoss {
@@ -385,7 +407,27 @@ pub fn train(
                 }
                 .into());
             }
-            model = optimizer.step(lr, model, grads);
+            let apply = match &mut state.scaler {
+                Some(scaler) => {
+                    let finite = unscale(&mut grads, &model, loss_scale);
+                    scaler.update(finite).inspect_err(|_| bar.abandon())?
+                }
+                None => true,
+            };
+            if apply {
+                model = optimizer.step(lr, model, grads);
+            } else {
+                state.skipped_steps += 1;
+                let scale = state.scaler.as_ref().map_or(1.0, LossScaler::scale);
+                bar.suspend(|| {
+                    println!(
+                        "epoch {} step {}: the gradients overflowed f16; step skipped, loss \
+                         scale now {scale}",
+                        epoch + 1,
+                        step + 1
+                    )
+                });
+            }
 
             let batch = options.batch_size as u64;
             state.step += 1;
@@ -511,6 +553,7 @@ pub fn train(
     });
     let summary = Summary {
         test_accuracy_flip,
+        skipped_steps: state.skipped_steps,
         ..summarize(
             options,
             &state.history,
@@ -603,6 +646,7 @@ fn summarize(
         test_images,
         first_step_seconds,
         test_accuracy_flip: None,
+        skipped_steps: 0,
     }
 }
 

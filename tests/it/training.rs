@@ -1,6 +1,6 @@
 //! The training loop of `examples/cifar10.rs` on tiny generated data: the loss falls, an
 //! interrupted and resumed run ends exactly as an uninterrupted one, a NaN stops the run;
-//! data-parallel steps on two CPU devices (flex and ndarray).
+//! data-parallel steps on two CPU devices (flex and ndarray); loss scaling.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,8 +12,9 @@ use burn::tensor::{Device, Tensor};
 use cifar10_burn::augment::flip_horizontal;
 use cifar10_burn::format::encode_batch;
 use cifar10_burn::{Cifar10Dataset, HostBatch, Rng, Split};
-use resnet_burn::{ResNet, ResNetConfig, Stem};
+use resnet_burn::{GpuPrecision, ResNet, ResNetConfig, Stem};
 use resnet_burn_examples::parallel::DataParallel;
+use resnet_burn_examples::scaler::{LossScaler, unscale};
 use resnet_burn_examples::train::{
     Control, EpochMetrics, NonFiniteLoss, Outcome, TrainOptions, evaluate, train,
 };
@@ -390,7 +391,7 @@ fn data_parallel_gradients_are_the_weighted_sum_of_the_shard_gradients() {
     let batch = generated_batch(7, 11); // shards of 4 and 3 images
 
     let parallel = DataParallel::new(&[main.clone(), second], 0.1).unwrap();
-    let both = parallel.gradients(&model, batch.clone()).unwrap();
+    let both = parallel.gradients(&model, batch.clone(), 1.0).unwrap();
 
     // The same shards, one after the other on the main device alone.
     let single = DataParallel::new(std::slice::from_ref(&main), 0.1).unwrap();
@@ -398,7 +399,7 @@ fn data_parallel_gradients_are_the_weighted_sum_of_the_shard_gradients() {
     assert_eq!([shards[0].len(), shards[1].len()], [4, 3]);
     let parts: Vec<_> = shards
         .into_iter()
-        .map(|shard| single.gradients(&model, shard).unwrap())
+        .map(|shard| single.gradients(&model, shard, 1.0).unwrap())
         .collect();
 
     let expected_loss = (4.0 * parts[0].loss + 3.0 * parts[1].loss) / 7.0;
@@ -426,6 +427,113 @@ fn data_parallel_gradients_are_the_weighted_sum_of_the_shard_gradients() {
             "parameter {k}: max difference {error} (largest gradient {scale})"
         );
     }
+}
+
+/// Loss scaling: the gradients of the loss scaled by a power of two are the plain gradients
+/// times it, and unscaled they are the plain gradients bit for bit, on one device and split
+/// between two; a gradient that overflowed is reported.
+#[test]
+fn scaled_gradients_unscale_exactly_and_overflow_is_seen() {
+    let main = Device::flex().autodiff();
+    main.seed(5);
+    let model = ResNetConfig::resnet18(10)
+        .with_stem(Stem::Cifar)
+        .with_base_channels(4)
+        .init(&main);
+    let batch = generated_batch(7, 13);
+    let scale = LossScaler::INITIAL_SCALE;
+    for devices in [
+        vec![main.clone()],
+        vec![main.clone(), devices::ndarray().autodiff()],
+    ] {
+        let replicas = DataParallel::new(&devices, 0.1).unwrap();
+        let plain = replicas.gradients(&model, batch.clone(), 1.0).unwrap();
+        let mut scaled = replicas.gradients(&model, batch.clone(), scale).unwrap();
+        assert_eq!(scaled.loss, plain.loss, "the loss is reported unscaled");
+        let expected = gradient_values(&model, &plain.grads);
+        let times_scale: Vec<Vec<f32>> = expected
+            .iter()
+            .map(|grad| grad.iter().map(|g| g * scale).collect())
+            .collect();
+        assert_eq!(gradient_values(&model, &scaled.grads), times_scale);
+        assert!(unscale(&mut scaled.grads, &model, scale));
+        assert_eq!(gradient_values(&model, &scaled.grads), expected);
+
+        let mut overflowed = plain.grads;
+        let dims = model.fc.weight.dims();
+        overflowed.register(
+            model.fc.weight.id,
+            Tensor::<2>::full(dims, f32::INFINITY, &main),
+        );
+        assert!(!unscale(&mut overflowed, &model, scale));
+    }
+}
+
+/// `precision: f16` on a CPU device, where convolutions stay f32, trains exactly as f32:
+/// its loss scaling (by 2^16, and back) changes no bit, also across an interruption and
+/// `--resume`; the skipped steps reach the summary (none here).
+#[test]
+fn f16_loss_scaling_trains_exactly_as_f32_and_resumes() {
+    let (train_set, test_set) = tiny_data("train-f16");
+    let devices = [Device::flex()];
+    let f32_options = tiny_options();
+    let f16_options = TrainOptions {
+        precision: GpuPrecision::F16,
+        ..tiny_options()
+    };
+    let run = |options: &TrainOptions, dir: &Path, control: &Control| {
+        train(
+            options,
+            train_set.clone(),
+            test_set.clone(),
+            &devices,
+            dir,
+            control,
+        )
+        .unwrap()
+    };
+    let f32_dir = scratch("train-f16-as-f32");
+    run(&f32_options, &f32_dir, &Control::default());
+    let f16_dir = scratch("train-f16-straight");
+    let Outcome::Finished(summary) = run(&f16_options, &f16_dir, &Control::default()) else {
+        panic!("not finished")
+    };
+    assert_eq!(summary.skipped_steps, 0);
+    assert_eq!(results(&f16_dir), results(&f32_dir));
+    let config = std::fs::read_to_string(f16_dir.join("config.json")).unwrap();
+    assert!(config.contains(r#""precision": "f16""#), "{config}");
+
+    let resumed = scratch("train-f16-resumed");
+    let stop = Control {
+        stop_after_steps: Some(7),
+        ..Control::default()
+    };
+    assert!(matches!(
+        run(&f16_options, &resumed, &stop),
+        Outcome::Interrupted { epoch: 2, step: 2 }
+    ));
+    let error = train(
+        &f32_options,
+        train_set.clone(),
+        test_set.clone(),
+        &devices,
+        &resumed,
+        &Control {
+            resume: true,
+            ..Control::default()
+        },
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("other options"), "{error}");
+    run(
+        &f16_options,
+        &resumed,
+        &Control {
+            resume: true,
+            ..Control::default()
+        },
+    );
+    assert_eq!(results(&resumed), results(&f32_dir));
 }
 
 #[test]
@@ -509,7 +617,7 @@ fn data_parallel_refuses_a_device_twice_and_too_small_batches() {
         .with_base_channels(4)
         .init(&flex);
     let error = parallel
-        .gradients(&model, generated_batch(1, 1))
+        .gradients(&model, generated_batch(1, 1), 1.0)
         .err()
         .expect("one image for two devices is refused");
     assert!(error.to_string().contains("--batch-size"), "{error}");
