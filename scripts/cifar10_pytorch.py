@@ -55,6 +55,10 @@ def main():
     p.add_argument("--tf32", action="store_true",
                    help="let cuDNN and cuBLAS use TF32 (PyTorch's default for convolutions); "
                         "off by default: the comparison is in strict fp32 like Burn's")
+    p.add_argument("--amp-f16", action="store_true",
+                   help="mixed precision as PyTorch recommends it: autocast to float16 (convolutions "
+                        "and the linear layer in f16, BatchNorm in f32) with a GradScaler; compare "
+                        "with the example's --precision f16 (convolutions only in f16)")
     p.add_argument("--json", default=None, help="write per-epoch metrics and images/s here")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
@@ -77,6 +81,8 @@ def main():
     total, warmup = steps * args.epochs, round(args.warmup_epochs * steps)
     lr_at = lambda s: args.lr * (s + 1) / warmup if s < warmup else 0.5 * args.lr * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    autocast = torch.autocast(device.type, dtype=torch.float16, enabled=args.amp_f16)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp_f16)
     step = 0
     history = []
     for epoch in range(args.epochs):
@@ -89,11 +95,13 @@ def main():
             y = torch.from_numpy(train_y[idx]).to(device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
-            out = model(x)
-            loss = loss_fn(out, y)
+            with autocast:
+                out = model(x)
+                loss = loss_fn(out, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             step += 1
             seen += len(idx)
             loss_sum += loss.item() * len(idx)
@@ -111,7 +119,7 @@ def main():
             pathlib.Path(args.json).write_text(json.dumps({
                 "torch": torch.__version__, "device": str(device),
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                "tf32": args.tf32, "batch_size": args.batch_size, "epochs": history}, indent=1))
+                "tf32": args.tf32, "amp_f16": args.amp_f16, "batch_size": args.batch_size, "epochs": history}, indent=1))
         print(f"epoch {epoch + 1}: train loss {loss_sum / seen:.4f} acc {100 * correct / seen:.2f}%  "
               f"test acc {100 * hits / len(test_x):.2f}%  {seconds:.1f}s  {seen / seconds:.0f} img/s", flush=True)
 

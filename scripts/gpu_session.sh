@@ -1,31 +1,39 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 5 and 6, as three calls of the device tool (see ../shared/GPU.md and
 # the tool's README): the session has 15 minutes of device time and each call carries 64 MiB,
-# so the binaries are built here (25.4 MB compressed) and CIFAR-10 travels packed
+# so the binaries are built here (xz-compressed) and CIFAR-10 travels packed
 # (scripts/cifar10_pack.py) in three pieces, .device/call1, call2 and call3 (ignored folders,
 # carried). What a call unpacks stays in $WORK while the machine is warm (30 s between calls).
 #
-#   stage 1 (carry .gl .device/call1): GPU, binaries, batches 1 and 2; criterion benches on
-#     wgpu against PyTorch on CUDA (benches/compare.py; BENCHES=0 skips them: on 2026-11-28
-#     they ran into their 200 s limit before PyTorch's ResNet-50 cases); a training probe
-#     (time to the first step with a cold autotune cache, steady images/s); ten steps with
-#     CubeCL's kernel profiler (PROFILE=0 skips them).
-#   unpack DIR (carry DIR): more of CIFAR-10 (.device/call2: batches 3-5), nothing else.
-#   stage 2 [DIR] (carry DIR, default .device/call3: the test batch): the rest of CIFAR-10,
-#     all of it checked against CIFAR10-SHA256SUMS; PyTorch's training images/s for the
-#     same model and batch (fp32 and TF32) and its ResNet-50 bench cases; ResNet-18 trained
-#     on the full set for as many epochs as fit in $TRAIN_SECONDS at the probe's speed,
-#     evaluated every $EVAL_EVERY epochs (default 1) and after the last, then once more with
-#     flip test-time augmentation (--eval-flip; EVAL_FLIP=0 skips it).
+#   stage 1 (carry .gl .device/call1): GPU, binaries, batch 1; criterion benches on wgpu
+#     against PyTorch on CUDA (benches/compare.py; BENCHES=0 skips them: on 2026-11-28 they ran
+#     into their 200 s limit before PyTorch's ResNet-50 cases); training probes, one per
+#     candidate BACKEND:CONV:PRECISION in $PROBES (time to the first step, steady images/s in
+#     a second epoch of $PROBE_STEPS steps); ten steps with CubeCL's kernel profiler for the
+#     fastest (PROFILE=1; off by default).
+#   unpack DIR (carry DIR): more of CIFAR-10 (.device/call2: batches 2-4), nothing else.
+#   stage 2 [DIR] (carry DIR, default .device/call3: batch 5 and the test batch): the rest of
+#     CIFAR-10, all of it checked against CIFAR10-SHA256SUMS; PyTorch's training images/s
+#     for the same model and batch (fp32, TF32, and AMP f16 when a probe in f16 won); ResNet-18
+#     trained on the full set with the fastest probe's choice for as many epochs as fit in
+#     $TRAIN_SECONDS at its speed, evaluated every $EVAL_EVERY epochs (default 1) and after the
+#     last, then once more with flip test-time augmentation (--eval-flip; EVAL_FLIP=0 skips
+#     it).
 #
-# RESNET_BURN_GPU_CONV=im2col in the environment makes the benches and the example use
-# resnet-burn's im2col convolutions (resnet_burn::GpuConv) instead of Burn's. Stage 2 without
-# it trains with stage 1's choice, unless that was im2col and its probe was slower than Burn's
-# convolutions ($BURN_IPS, default 1210: images/s at batch 256 on the H200 on 2026-11-28).
+# The candidates: Burn's wgpu backend with its own convolutions in f32 (known: $BURN_IPS, default
+# 1210 images/s at batch 256 on the H200 on 2026-11-28, so not probed by default), resnet-burn's
+# im2col convolutions (resnet_burn::GpuConv), and f16 convolutions (resnet_burn::GpuPrecision) on
+# wgpu pinned to Vulkan, whose SPIR-V compiler gives CubeCL's matrix kernels the GPU's tensor
+# cores (cooperative matrices), which f32 does not get. CHOICE=BACKEND:CONV:PRECISION makes
+# stage 2 train with that one regardless of the probes.
 #
-# Building what stage 1 carries (here, x86-64 like the GPU machine):
+# Building what stage 1 carries (here, x86-64 like the GPU machine): two builds of the example,
+# because with the `vulkan` feature CubeCL compiles SPIR-V for every Vulkan adapter, `--backend
+# wgpu` included, and that path is unproven (it crashes inside lavapipe, Mesa 22.3.6, here):
+#   cargo build --release --example cifar10 --features vulkan   -> cifar10-vulkan.stripped
 #   cargo build --release --example cifar10 && cargo bench --bench resnet --no-run
-#   strip, then: tar cf - cifar10.stripped resnet-bench.stripped |
+#                                                  -> cifar10.stripped, resnet-bench.stripped
+#   strip, then: tar cf - *.stripped |
 #     xz --x86 --lzma2=preset=9e,dict=192MiB > .device/call1/bin/bins.tar.xz
 #   python3 scripts/cifar10_pack.py pack ../shared/data/cifar-10-batches-bin DIR [--split 2]
 set -uo pipefail
@@ -35,10 +43,13 @@ WORK=${WORK:-/root/gpu}
 BATCH=${BATCH:-256}
 LR=${LR:-0.2}
 EXTRA=${EXTRA:-}            # extra flags for the example (a local dry run uses --base-channels 8)
-BACKEND=${BACKEND:-wgpu}
+BACKEND=${BACKEND:-wgpu}   # of the benches
+PROBES=${PROBES:-vulkan:burn:f16 vulkan:im2col:f16 wgpu:im2col:f32}
+BURN_IPS=${BURN_IPS:-1210}
 mkdir -p "$OUT" "$WORK/bin" "$WORK/cifar"
 export XDG_RUNTIME_DIR=/tmp RUST_BACKTRACE=1 PYTHONUNBUFFERED=1
-BIN=$WORK/bin/cifar10.stripped
+# The example built for BACKEND: with the `vulkan` feature for vulkan, without it otherwise.
+bin_for() { if [ "$1" = vulkan ]; then echo "$WORK/bin/cifar10-vulkan.stripped"; else echo "$WORK/bin/cifar10.stripped"; fi; }
 t0=$(date +%s)
 stamp() { echo "[$(($(date +%s) - t0))s] $*"; }
 # The packed batches of folder $1 into $WORK/cifar, each checked against CIFAR10-SHA256SUMS.
@@ -68,28 +79,38 @@ if [ "$stage" = 1 ]; then
         stamp "benches done"
     fi
 
-    # Training probe on the batches that are here (1, 2, 2 again as 3-5 and as the test set:
-    # speed only, its accuracy means nothing): time to the first step with a cold autotune
-    # cache, then steady images/s in the second epoch. The CubeCL cache it leaves (autotune
-    # results in target/environment, kept while the machine is warm) serves the profile and
-    # stage 2.
+    # Training probes on batch 1 (as all five training batches and as the test set: speed
+    # only, their accuracy means nothing): time to the first step with cold caches, then
+    # steady images/s in the second epoch. The CubeCL caches they leave (autotune results in
+    # target/environment, kept while the machine is warm) serve stage 2.
     P=$WORK/probe-data
     mkdir -p "$P"
-    for i in 1 2 3 4 5; do ln -sf "$WORK/cifar/data_batch_$(( (i - 1) % 2 + 1 )).bin" "$P/data_batch_$i.bin"; done
-    ln -sf "$WORK/cifar/data_batch_2.bin" "$P/test_batch.bin"
-    timeout -k 10 -s INT 150 "$BIN" --backend "$BACKEND" --data-dir "$P" --epochs 2 --batch-size "$BATCH" \
-        --limit-train $((BATCH * ${PROBE_STEPS:-60})) --limit-test 2000 --no-progress $EXTRA \
-        --artifact-dir "$WORK/probe-run" 2>&1 | tee "$OUT/probe.log"
-    cp "$WORK/probe-run/metrics.csv" "$OUT/probe-metrics.csv"
-    echo "${RESNET_BURN_GPU_CONV:-burn}" > "$WORK/probe-conv"
-    stamp "probe done"
+    for f in data_batch_1 data_batch_2 data_batch_3 data_batch_4 data_batch_5 test_batch; do
+        ln -sf "$WORK/cifar/data_batch_1.bin" "$P/$f.bin"
+    done
+    echo "wgpu:burn:f32 $BURN_IPS" > "$WORK/probes.txt"
+    for probe in $PROBES; do
+        IFS=: read -r backend conv precision <<< "$probe"
+        name=$backend-$conv-$precision
+        timeout -k 10 -s INT "${PROBE_SECONDS:-150}" "$(bin_for "$backend")" --backend "$backend" --gpu-conv "$conv" \
+            --precision "$precision" --data-dir "$P" --epochs 2 --batch-size "$BATCH" \
+            --limit-train $((BATCH * ${PROBE_STEPS:-20})) --limit-test 1000 --no-progress $EXTRA \
+            --artifact-dir "$WORK/probe-$name" 2>&1 | tee "$OUT/probe-$name.log"
+        ips=$(awk -F, 'NR == 3 { print $8 }' "$WORK/probe-$name/metrics.csv" 2>/dev/null)
+        [ -f "$WORK/probe-$name/metrics.csv" ] && cp "$WORK/probe-$name/metrics.csv" "$OUT/probe-$name.csv"
+        [ -n "$ips" ] && echo "$probe $ips" >> "$WORK/probes.txt"
+        stamp "probe $probe: ${ips:-no speed} images/s"
+    done
+    cp "$WORK/probes.txt" "$OUT/"
 
-    [ "${PROFILE:-1}" = 1 ] || { stamp "stage 1 done"; exit 0; }
-    # Ten steps with CubeCL's profiler: one line per kernel with its duration.
+    [ "${PROFILE:-0}" = 1 ] || { stamp "stage 1 done"; exit 0; }
+    # Ten steps of the fastest with CubeCL's profiler: one line per kernel with its duration.
+    IFS=: read -r backend conv precision <<< "$(sort -k2 -g -r "$WORK/probes.txt" | awk 'NR == 1 { print $1 }')"
     mkdir -p .gpu-profile
     printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\n' "$OUT/kernels.log" > .gpu-profile/cubecl.toml
-    (cd .gpu-profile && timeout -k 10 -s INT 60 "$BIN" --backend "$BACKEND" --data-dir "$P" --epochs 1 \
-        --batch-size "$BATCH" --limit-train $((BATCH * 10)) --limit-test 500 --no-progress $EXTRA \
+    (cd .gpu-profile && timeout -k 10 -s INT 60 "$(bin_for "$backend")" --backend "$backend" --gpu-conv "$conv" \
+        --precision "$precision" --data-dir "$P" --epochs 1 --batch-size "$BATCH" \
+        --limit-train $((BATCH * 10)) --limit-test 500 --no-progress $EXTRA \
         --artifact-dir "$WORK/profile-run") > "$OUT/profile.log" 2>&1
     tail -3 "$OUT/profile.log"
     ls -la "$OUT"
@@ -108,17 +129,36 @@ for f in data_batch_1 data_batch_2 data_batch_3 data_batch_4 data_batch_5 test_b
     [ -f "$WORK/cifar/$f.bin" ] || { echo "$f.bin has not arrived: run the unpack calls first"; exit 1; }
 done
 
-# PyTorch, same model, batch and recipe, same GPU: strict fp32 (as Burn), then TF32.
+# The choice: CHOICE, else the fastest of the probes (Burn's own f32 convolutions at
+# $BURN_IPS when no probe beat it or none left a speed).
+sort -k2 -g -r "$WORK/probes.txt" 2>/dev/null | tee "$OUT/probes-ranked.txt"
+best=$(sort -k2 -g -r "$WORK/probes.txt" 2>/dev/null | head -1)
+choice=${CHOICE:-${best%% *}}
+choice=${choice:-wgpu:burn:f32}
+ips=$(awk -v c="$choice" '$1 == c { print $2 }' "$WORK/probes.txt" 2>/dev/null | head -1)
+ips=${ips:-$BURN_IPS}
+IFS=: read -r backend conv precision <<< "$choice"
+stamp "training with $choice (probe: $ips images/s)"
+
+# PyTorch, same model, batch and recipe, same GPU: strict fp32 (as Burn's f32), TF32 and, when
+# Burn trains with f16 convolutions, PyTorch's automatic mixed precision in f16.
 if [ "${TORCH_DEVICE:-cuda}" = cuda ]; then
-    for mode in fp32 tf32; do
+    modes="fp32 tf32"
+    [ "$precision" = f16 ] && modes="$modes amp-f16"
+    for mode in $modes; do
+        flag=""
+        [ "$mode" = tf32 ] && flag=--tf32
+        [ "$mode" = amp-f16 ] && flag=--amp-f16
         python3 scripts/cifar10_pytorch.py --device cuda --data-dir "$WORK/cifar" --epochs 2 \
             --batch-size "$BATCH" --lr "$LR" --limit-train 25600 --limit-test 2000 \
-            --json "$OUT/pytorch-$mode.json" $([ $mode = tf32 ] && echo --tf32) 2>&1 | tee -a "$OUT/pytorch.log"
+            --json "$OUT/pytorch-$mode.json" $flag 2>&1 | tee -a "$OUT/pytorch.log"
     done
-    # ResNet-50's bench cases in PyTorch, missing from 2026-11-28 (the benches' step ran out of
-    # time before them); Burn's are in BENCHMARKS.md.
-    timeout 120 python3 benches/pytorch_reference.py --device cuda --cases resnet50_224 \
-        --json "$OUT/pytorch-resnet50.json" 2>&1 | tee -a "$OUT/pytorch.log"
+    # ResNet-50's bench cases in PyTorch (R50=1), missing from 2026-11-28 (the benches' step
+    # ran out of time before them); Burn's are in BENCHMARKS.md.
+    if [ "${R50:-0}" = 1 ]; then
+        timeout 120 python3 benches/pytorch_reference.py --device cuda --cases resnet50_224 \
+            --json "$OUT/pytorch-resnet50.json" 2>&1 | tee -a "$OUT/pytorch.log"
+    fi
     stamp "pytorch done"
 fi
 
@@ -129,30 +169,14 @@ fi
 budget=${TRAIN_SECONDS:-400}
 every=${EVAL_EVERY:-1}
 flip=${EVAL_FLIP:-1}
-probe_conv=$(cat "$WORK/probe-conv" 2>/dev/null || echo burn)
-burn_ips=${BURN_IPS:-1210}
-conv=${RESNET_BURN_GPU_CONV:-$probe_conv}
-ips=$(awk -F, 'NR > 1 { v = $8 } END { print v }' "$WORK/probe-run/metrics.csv" 2>/dev/null)
-if [ -z "$ips" ]; then
-    # A probe that failed says nothing for its convolution: Burn's, unless one was asked for.
-    echo "no speed from stage 1's probe ($WORK/probe-run/metrics.csv): assuming Burn's $burn_ips images/s"
-    ips=$burn_ips
-    [ -z "${RESNET_BURN_GPU_CONV:-}" ] && conv=burn
-elif [ -z "${RESNET_BURN_GPU_CONV:-}" ] && [ "$probe_conv" = im2col ] &&
-    awk -v a="$ips" -v b="$burn_ips" 'BEGIN { exit !(a < b) }'; then
-    echo "stage 1's probe ran im2col at $ips images/s, under Burn's $burn_ips: training with Burn's"
-    conv=burn
-fi
-[ "$conv" = burn ] && [ "$probe_conv" != burn ] && ips=$burn_ips
-export RESNET_BURN_GPU_CONV=$conv
-stamp "convolutions: $conv"
 epochs=${EPOCHS:-$(awk -v ips="$ips" -v budget="$budget" -v every="$every" -v flip="$flip" 'BEGIN {
     test = 10000 / (1.2 * ips); epoch = 50000 / ips + test / every
     e = int((budget - 40 - 2 * flip * test) / epoch)
     print (e < 1 ? 1 : e) }')}
 stamp "training $epochs epochs in at most ${budget}s (expecting $ips images/s)"
-timeout -k 20 -s INT "$budget" "$BIN" --backend "$BACKEND" --data-dir "$WORK/cifar" --epochs "$epochs" \
-    --batch-size "$BATCH" --lr "$LR" --eval-every "$every" $([ "$flip" = 1 ] && echo --eval-flip) \
+timeout -k 20 -s INT "$budget" "$(bin_for "$backend")" --backend "$backend" --gpu-conv "$conv" --precision "$precision" \
+    --data-dir "$WORK/cifar" --epochs "$epochs" --batch-size "$BATCH" --lr "$LR" \
+    --eval-every "$every" $([ "$flip" = 1 ] && echo --eval-flip) \
     --no-progress $EXTRA --artifact-dir "$WORK/run" 2>&1 | tee "$OUT/train.log"
 for f in metrics.csv summary.json config.json curves.png; do
     [ -f "$WORK/run/$f" ] && cp "$WORK/run/$f" "$OUT/"
