@@ -92,7 +92,7 @@ if [ "$stage" = 1 ]; then
     for probe in $PROBES; do
         IFS=: read -r backend conv precision <<< "$probe"
         name=$backend-$conv-$precision
-        timeout -k 10 -s INT "${PROBE_SECONDS:-150}" "$(bin_for "$backend")" --backend "$backend" --gpu-conv "$conv" \
+        timeout --foreground -k 10 -s INT "${PROBE_SECONDS:-150}" "$(bin_for "$backend")" --backend "$backend" --gpu-conv "$conv" \
             --precision "$precision" --data-dir "$P" --epochs 2 --batch-size "$BATCH" \
             --limit-train $((BATCH * ${PROBE_STEPS:-20})) --limit-test 1000 --no-progress $EXTRA \
             --artifact-dir "$WORK/probe-$name" 2>&1 | tee "$OUT/probe-$name.log"
@@ -108,7 +108,7 @@ if [ "$stage" = 1 ]; then
     IFS=: read -r backend conv precision <<< "$(sort -k2 -g -r "$WORK/probes.txt" | awk 'NR == 1 { print $1 }')"
     mkdir -p .gpu-profile
     printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\n' "$OUT/kernels.log" > .gpu-profile/cubecl.toml
-    (cd .gpu-profile && timeout -k 10 -s INT 60 "$(bin_for "$backend")" --backend "$backend" --gpu-conv "$conv" \
+    (cd .gpu-profile && timeout --foreground -k 10 -s INT 60 "$(bin_for "$backend")" --backend "$backend" --gpu-conv "$conv" \
         --precision "$precision" --data-dir "$P" --epochs 1 --batch-size "$BATCH" \
         --limit-train $((BATCH * 10)) --limit-test 500 --no-progress $EXTRA \
         --artifact-dir "$WORK/profile-run") > "$OUT/profile.log" 2>&1
@@ -174,7 +174,7 @@ epochs=${EPOCHS:-$(awk -v ips="$ips" -v budget="$budget" -v every="$every" -v fl
     e = int((budget - 40 - 2 * flip * test) / epoch)
     print (e < 1 ? 1 : e) }')}
 stamp "training $epochs epochs in at most ${budget}s (expecting $ips images/s)"
-timeout -k 20 -s INT "$budget" "$(bin_for "$backend")" --backend "$backend" --gpu-conv "$conv" --precision "$precision" \
+timeout --foreground -k 20 -s INT "$budget" "$(bin_for "$backend")" --backend "$backend" --gpu-conv "$conv" --precision "$precision" \
     --data-dir "$WORK/cifar" --epochs "$epochs" --batch-size "$BATCH" --lr "$LR" \
     --eval-every "$every" $([ "$flip" = 1 ] && echo --eval-flip) \
     --no-progress $EXTRA --artifact-dir "$WORK/run" 2>&1 | tee "$OUT/train.log"
