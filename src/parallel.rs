@@ -113,7 +113,7 @@ impl DataParallel {
         }
         if self.workers.is_empty() {
             let scale = (loss_scale != 1.0).then_some(loss_scale);
-            return Ok(shard_step(model, batch, &self.main, &self.loss_fn, scale));
+            return shard_step(model, batch, &self.main, &self.loss_fn, scale);
         }
         let shards = batch.split(self.num_devices());
         let sizes: Vec<usize> = shards.iter().map(HostBatch::len).collect();
@@ -143,7 +143,7 @@ impl DataParallel {
                 .map_err(|_| worker.gone())?
                 .map_err(|message| anyhow!("device {:?} failed: {message}", worker.device))
         });
-        for (shard, size) in std::iter::once(Ok(main)).chain(others).zip(&sizes) {
+        for (shard, size) in std::iter::once(main).chain(others).zip(&sizes) {
             let shard = shard?;
             accumulator.accumulate(model, shard.grads);
             loss += shard.loss as f64 * *size as f64;
@@ -191,12 +191,13 @@ pub fn loss_fn(label_smoothing: f32, device: &Device) -> CrossEntropyLoss {
         .init(device)
 }
 
-/// Reads the loss and the number of correct predictions with one transfer from the device.
+/// Reads the loss and the number of correct predictions with one transfer from the device;
+/// fails when the device failed computing them (out of memory, for one).
 pub fn loss_and_correct(
     loss: &Tensor<1>,
     logits: Tensor<2>,
     targets: Tensor<1, Int>,
-) -> (f32, usize) {
+) -> Result<(f32, usize)> {
     let [batch, _] = logits.dims();
     let correct = logits
         .detach()
@@ -211,10 +212,11 @@ pub fn loss_and_correct(
         0,
     );
     let values: Vec<f32> = both
-        .into_data()
+        .try_into_data()
+        .map_err(|error| anyhow!("the device failed computing the loss: {error}"))?
         .try_into_vec_as::<f32>()
-        .expect("f32 values");
-    (values[0], values[1] as usize)
+        .map_err(|error| anyhow!("reading the loss: {error:?}"))?;
+    Ok((values[0], values[1] as usize))
 }
 
 struct Job {
@@ -242,19 +244,20 @@ impl Worker {
                 for job in job_receiver {
                     let result = catch_unwind(AssertUnwindSafe(|| {
                         let replica = job.model.fork(&worker_device);
-                        let shard = shard_step(
+                        shard_step(
                             &replica,
                             job.batch,
                             &worker_device,
                             &loss_fn,
                             Some(job.weight),
-                        );
-                        StepOutput {
+                        )
+                        .map(|shard| StepOutput {
                             grads: shard.grads.to_device(&main, &replica),
                             ..shard
-                        }
+                        })
                     }))
-                    .map_err(panic_message);
+                    .map_err(panic_message)
+                    .and_then(|result| result.map_err(|error| format!("{error:#}")));
                     if result_sender.send(result).is_err() {
                         break;
                     }
@@ -289,18 +292,18 @@ fn shard_step(
     device: &Device,
     loss_fn: &CrossEntropyLoss,
     weight: Option<f32>,
-) -> StepOutput {
+) -> Result<StepOutput> {
     let Cifar10Batch { images, targets } = batch.to_device(device);
     let logits = model.forward(images);
     let loss = loss_fn.forward(logits.clone(), targets.clone());
-    let (loss_value, correct) = loss_and_correct(&loss, logits, targets);
+    let (loss_value, correct) = loss_and_correct(&loss, logits, targets)?;
     let loss = match weight {
         Some(weight) => loss.mul_scalar(weight),
         None => loss,
     };
-    StepOutput {
+    Ok(StepOutput {
         grads: GradientsParams::from_grads(loss.backward(), model),
         loss: loss_value,
         correct,
-    }
+    })
 }

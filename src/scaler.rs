@@ -71,8 +71,9 @@ impl LossScaler {
 }
 
 /// Divides every gradient of `model`'s parameters in `grads` by `scale`, and returns whether
-/// all of them are finite (one transfer from the device).
-pub fn unscale(grads: &mut GradientsParams, model: &ResNet, scale: f32) -> bool {
+/// all of them are finite (one transfer from the device); fails when the device failed
+/// computing them.
+pub fn unscale(grads: &mut GradientsParams, model: &ResNet, scale: f32) -> anyhow::Result<bool> {
     struct Unscale<'a> {
         grads: &'a mut GradientsParams,
         inverse: f32,
@@ -100,9 +101,13 @@ pub fn unscale(grads: &mut GradientsParams, model: &ResNet, scale: f32) -> bool 
         sum: None,
     };
     model.visit(&mut visitor);
-    visitor
-        .sum
-        .is_none_or(|sum| sum.into_scalar::<f32>().is_finite())
+    let Some(sum) = visitor.sum else {
+        return Ok(true);
+    };
+    let sum = sum
+        .try_into_scalar::<f32>()
+        .map_err(|error| anyhow::anyhow!("the device failed computing the gradients: {error:?}"))?;
+    Ok(sum.is_finite())
 }
 
 #[cfg(test)]

@@ -397,7 +397,9 @@ pub fn train(
                 mut grads,
                 loss: loss_value,
                 correct,
-            } = replicas.gradients(&model, host, loss_scale)?;
+            } = replicas
+                .gradients(&model, host, loss_scale)
+                .with_context(|| format!("epoch {}, step {}", epoch + 1, step + 1))?;
             if !loss_value.is_finite() {
                 bar.abandon();
                 return Err(NonFiniteLoss {
@@ -409,7 +411,7 @@ pub fn train(
             }
             let apply = match &mut state.scaler {
                 Some(scaler) => {
-                    let finite = unscale(&mut grads, &model, loss_scale);
+                    let finite = unscale(&mut grads, &model, loss_scale)?;
                     scaler.update(finite).inspect_err(|_| bar.abandon())?
                 }
                 None => true,
@@ -476,16 +478,19 @@ pub fn train(
 
         let evaluated =
             (epoch + 1).is_multiple_of(options.eval_every) || epoch + 1 == options.epochs;
-        let eval = evaluated.then(|| {
-            evaluate(
-                &model.valid(),
-                &test,
-                options.eval_batch_size,
-                device,
-                &eval_loss,
-                false,
-            )
-        });
+        let eval = evaluated
+            .then(|| {
+                evaluate(
+                    &model.valid(),
+                    &test,
+                    options.eval_batch_size,
+                    device,
+                    &eval_loss,
+                    false,
+                )
+            })
+            .transpose()
+            .with_context(|| format!("evaluating after epoch {}", epoch + 1))?;
         let metrics = EpochMetrics {
             epoch: epoch + 1,
             lr,
@@ -540,17 +545,21 @@ pub fn train(
         .save_torchvision(&safetensors_path)
         .with_context(|| format!("writing {}", safetensors_path.display()))?;
 
-    let test_accuracy_flip = options.eval_flip.then(|| {
-        evaluate(
-            &model,
-            &test,
-            options.eval_batch_size,
-            device,
-            &eval_loss,
-            true,
-        )
-        .accuracy
-    });
+    let test_accuracy_flip = options
+        .eval_flip
+        .then(|| {
+            evaluate(
+                &model,
+                &test,
+                options.eval_batch_size,
+                device,
+                &eval_loss,
+                true,
+            )
+        })
+        .transpose()
+        .context("evaluating with flip test-time augmentation")?
+        .map(|eval| eval.accuracy);
     let summary = Summary {
         test_accuracy_flip,
         skipped_steps: state.skipped_steps,
@@ -580,7 +589,8 @@ pub struct Evaluation {
 }
 
 /// Evaluates `model` (in evaluation mode) on `dataset`; with `flip`, on the mean of the
-/// logits of each image and of its horizontal mirror (test-time augmentation).
+/// logits of each image and of its horizontal mirror (test-time augmentation). Fails when the
+/// device fails.
 pub fn evaluate(
     model: &ResNet,
     dataset: &Arc<Cifar10Dataset>,
@@ -588,7 +598,7 @@ pub fn evaluate(
     device: &Device,
     loss_fn: &CrossEntropyLoss,
     flip: bool,
-) -> Evaluation {
+) -> Result<Evaluation> {
     let loader = EpochLoader::eval(dataset.clone(), batch_size);
     let (mut loss_sum, mut correct, mut seen) = (0f64, 0f64, 0usize);
     for host in loader.epoch(0, 2) {
@@ -601,15 +611,15 @@ pub fn evaluate(
             model.forward(images)
         };
         let loss = loss_fn.forward(logits.clone(), targets.clone());
-        let (l, c) = loss_and_correct(&loss, logits, targets);
+        let (l, c) = loss_and_correct(&loss, logits, targets)?;
         loss_sum += l as f64 * n as f64;
         correct += c as f64;
         seen += n;
     }
-    Evaluation {
+    Ok(Evaluation {
         loss: loss_sum / seen.max(1) as f64,
         accuracy: correct / seen.max(1) as f64,
-    }
+    })
 }
 
 fn summarize(
