@@ -49,11 +49,7 @@ impl FromStr for GpuConv {
 
     /// `burn` or `im2col`.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text {
-            "burn" => Ok(GpuConv::Burn),
-            "im2col" => Ok(GpuConv::Im2col),
-            _ => Err(format!("{text:?} is neither \"burn\" nor \"im2col\"")),
-        }
+        parse_variant(text)
     }
 }
 
@@ -82,25 +78,37 @@ impl FromStr for GpuPrecision {
 
     /// `f32` or `f16`.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text {
-            "f32" => Ok(GpuPrecision::F32),
-            "f16" => Ok(GpuPrecision::F16),
-            _ => Err(format!("{text:?} is neither \"f32\" nor \"f16\"")),
-        }
+        parse_variant(text)
     }
 }
 
-/// The variants of a process-wide choice, in a fixed order (stored as an index).
-trait Variants: 'static + Copy + PartialEq + Default + std::fmt::Debug + FromStr<Err = String> {
-    const ALL: &'static [Self];
+/// The variants of a process-wide choice with their names, in a fixed order (a choice is
+/// stored as an index).
+trait Variants: 'static + Copy + PartialEq + Default + std::fmt::Debug {
+    const NAMED: &'static [(Self, &'static str)];
 }
 
 impl Variants for GpuConv {
-    const ALL: &[Self] = &[GpuConv::Burn, GpuConv::Im2col];
+    const NAMED: &[(Self, &str)] = &[(GpuConv::Burn, "burn"), (GpuConv::Im2col, "im2col")];
 }
 
 impl Variants for GpuPrecision {
-    const ALL: &[Self] = &[GpuPrecision::F32, GpuPrecision::F16];
+    const NAMED: &[(Self, &str)] = &[(GpuPrecision::F32, "f32"), (GpuPrecision::F16, "f16")];
+}
+
+/// The variant named `text`, or an error listing the names.
+fn parse_variant<T: Variants>(text: &str) -> Result<T, String> {
+    T::NAMED
+        .iter()
+        .find(|(_, name)| *name == text)
+        .map(|&(variant, _)| variant)
+        .ok_or_else(|| {
+            let names: Vec<String> = T::NAMED
+                .iter()
+                .map(|(_, name)| format!("{name:?}"))
+                .collect();
+            format!("{text:?} is neither {}", names.join(" nor "))
+        })
 }
 
 /// A process-wide choice: set by a call, or else read once from the environment variable
@@ -140,18 +148,21 @@ impl Choice {
                 Err(current) => current,
             };
         }
-        T::ALL[usize::from(index)]
+        T::NAMED[usize::from(index)].0
     }
 
     fn index_of<T: Variants>(choice: T) -> u8 {
-        T::ALL.iter().position(|v| *v == choice).expect("a variant") as u8
+        T::NAMED
+            .iter()
+            .position(|(v, _)| *v == choice)
+            .expect("a variant") as u8
     }
 
     fn read_env<T: Variants>(&self) -> T {
         let Ok(text) = std::env::var(self.var) else {
             return T::default();
         };
-        text.parse().unwrap_or_else(|error| {
+        parse_variant(&text).unwrap_or_else(|error| {
             let default = T::default();
             eprintln!("resnet-burn: {}={error}; using {default:?}", self.var);
             default
@@ -193,15 +204,14 @@ pub(crate) fn conv(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 /// `conv(x)` computed as `how` and in `precision` says.
 fn conv_with(conv: &Conv2d, x: Tensor<4>, how: GpuConv, precision: GpuPrecision) -> Tensor<4> {
     let im2col = how == GpuConv::Im2col;
-    let Some(dtype) = reduced_dtype(&x, precision) else {
+    // The functional convolution that takes the cast weight needs the padding as one pair.
+    let reduced = reduced_dtype(&x, precision).zip(symmetric_padding(&conv.padding));
+    let Some((dtype, padding)) = reduced else {
         let weight = conv.weight.val();
         return im2col
             .then(|| conv_im2col(conv, &weight, &x))
             .flatten()
             .unwrap_or_else(|| conv.forward(x));
-    };
-    let Some(padding) = symmetric_padding(&conv.padding) else {
-        return conv.forward(x);
     };
     let output_dtype = x.dtype();
     let x = x.cast(dtype);
