@@ -1,37 +1,51 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 5 and 6, as three calls of the device tool (see ../shared/GPU.md and
+# The GPU checks of issues 5 and 6, as four calls of the device tool (see ../shared/GPU.md and
 # the tool's README): the session has 15 minutes of device time and each call carries 64 MiB,
 # so the binaries are built here (xz-compressed) and CIFAR-10 travels packed
 # (scripts/cifar10_pack.py) in three pieces, .device/call1, call2 and call3 (ignored folders,
-# carried). What a call unpacks stays in $WORK while the machine is warm (30 s between calls).
+# carried). What a call unpacks stays in $WORK while the machine is warm (30 s between calls),
+# and so does a process started in its own session (setsid).
 #
-#   stage 1 (carry .gl .device/call1): GPU, binaries, batch 1; criterion benches on wgpu
-#     against PyTorch on CUDA (benches/compare.py; BENCHES=0 skips them: on 2026-11-28 they ran
-#     into their 200 s limit before PyTorch's ResNet-50 cases); training probes, one per
-#     candidate BACKEND:CONV:PRECISION in $PROBES (time to the first step, steady images/s in
-#     a second epoch of $PROBE_STEPS steps); ten steps with CubeCL's kernel profiler for the
-#     fastest (PROFILE=1; off by default).
+#   stage 1 (carry .gl .device/call1 [.device/cache]): GPU, binaries, batch 1; the caches a
+#     former lease left in .device/cache (see stage torch); criterion benches on wgpu against
+#     PyTorch on CUDA (benches/compare.py; BENCHES=1, off by default: on 2026-11-28 they ran
+#     into their 200 s limit before PyTorch's ResNet-50 cases); then the training probes start
+#     in the background (stage probes) and the call returns, so that the cold start, kernel
+#     compilation and autotuning (over 140 s on a fresh machine), runs while the data travels.
+#     PROBES_BG=0 runs them in the call instead, PROFILE=1 then adds ten steps with CubeCL's
+#     kernel profiler for the fastest.
+#   probes: one short run per candidate BACKEND:CONV:PRECISION in $PROBES on batch 1 (time to
+#     the first step, steady images/s in a second epoch of $PROBE_STEPS steps), with the shapes
+#     of the full run (its last partial batch, the whole test pass, flip test-time augmentation)
+#     so that CubeCL's persistent autotune cache holds every kernel stage 2 needs.
 #   unpack DIR (carry DIR): more of CIFAR-10 (.device/call2: batches 2-4), nothing else.
 #   stage 2 [DIR] (carry DIR, default .device/call3: batch 5 and the test batch): the rest of
-#     CIFAR-10, all of it checked against CIFAR10-SHA256SUMS; PyTorch's training images/s
-#     for the same model and batch (fp32, TF32, and AMP f16 when a probe in f16 won); ResNet-18
-#     trained on the full set with the fastest probe's choice for as many epochs as fit in
-#     $TRAIN_SECONDS at its speed, evaluated every $EVAL_EVERY epochs (default 1) and after the
-#     last, then once more with flip test-time augmentation (--eval-flip; EVAL_FLIP=0 skips
-#     it).
+#     CIFAR-10, all of it checked against CIFAR10-SHA256SUMS; waits for the probes; ResNet-18
+#     trained on the full set with the fastest choice for as many epochs as fit at its speed in
+#     $TRAIN_SECONDS, or, given LEASE_SECONDS (the device time left when the call was made), in
+#     what the lease has left less $RESERVE_SECONDS for stage torch, and in the call's 600 s;
+#     evaluated every $EVAL_EVERY epochs (default 1) and after the last, then once more with
+#     flip test-time augmentation (--eval-flip; EVAL_FLIP=0 skips it).
+#   torch: PyTorch's training images/s for the same model and batch on the same GPU: fp32, AMP
+#     f16 when Burn trained with f16 convolutions, TF32 with TF32=1; then the probes' logs and
+#     the caches the machine now holds (CubeCL's autotune results, NVIDIA's shader cache) into
+#     $OUT, to be put into .device/cache for the next lease.
 #
-# The candidates: Burn's wgpu backend with its own convolutions in f32 (known: $BURN_IPS, default
-# 1210 images/s at batch 256 on the H200, first lease of 2026-11-28, so not probed), resnet-burn's
-# im2col convolutions (resnet_burn::GpuConv), and f16 convolutions (resnet_burn::GpuPrecision) on
-# wgpu pinned to Vulkan, whose SPIR-V compiler gives CubeCL's matrix kernels the GPU's tensor
-# cores (cooperative matrices), which f32 does not get. The second lease (BENCHMARKS.md) ranked
-# them: Vulkan with Burn's convolutions in f16 trained at 6,338 images/s, im2col in f16 probed at
-# 616, im2col in f32 crashed. So the default probe is that one alone, with a limit that fits its
-# cold start on a fresh machine (over 140 s there); the probe then warms the caches for stage 2.
-# CHOICE=BACKEND:CONV:PRECISION makes stage 2 train with that one regardless of the probes.
+# The candidates: Burn's wgpu backend with its own convolutions in f32 (known: 1,210 images/s
+# at batch 256 on the H200, first lease of 2026-11-28), resnet-burn's im2col convolutions
+# (resnet_burn::GpuConv), and f16 convolutions (resnet_burn::GpuPrecision) on wgpu pinned to
+# Vulkan, whose SPIR-V compiler gives CubeCL's matrix kernels the GPU's tensor cores
+# (cooperative matrices), which f32 does not get. The second lease (BENCHMARKS.md) ranked them:
+# Vulkan with Burn's convolutions in f16 trained at 6,338 images/s, im2col in f16 probed at 616,
+# im2col in f32 crashed. So the default probe is that one alone, and where it leaves no speed
+# its known one ($KNOWN) stands. CHOICE=BACKEND:CONV:PRECISION makes stage 2 train with that
+# one regardless of the probes.
 #
-# The plan that fits 15 minutes: stage 1 with BENCHES=0; unpack .device/call2; stage 2 with
-# TRAIN_SECONDS set to what the lease has left less about 150 s (PyTorch, unpacking, transfers).
+# The plan that fits 15 minutes, each call made as soon as the last returns:
+#   1. bash scripts/gpu_session.sh 1                              carry .gl .device/call1 [.device/cache]
+#   2. bash scripts/gpu_session.sh unpack .device/call2           carry .device/call2
+#   3. LEASE_SECONDS=<budget_left_s> EVAL_EVERY=2 bash scripts/gpu_session.sh 2    carry .device/call3
+#   4. bash scripts/gpu_session.sh torch
 #
 # Building what stage 1 carries (here, x86-64 like the GPU machine): two builds of the example,
 # because with the `vulkan` feature CubeCL compiles SPIR-V for every Vulkan adapter, `--backend
@@ -43,7 +57,7 @@
 #     xz --x86 --lzma2=preset=9e,dict=192MiB > .device/call1/bin/bins.tar.xz
 #   python3 scripts/cifar10_pack.py pack ../shared/data/cifar-10-batches-bin DIR [--split 2]
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh 1 | unpack DIR | 2 [DIR]}
+stage=${1:?usage: gpu_session.sh 1 | probes | unpack DIR | 2 [DIR] | torch}
 OUT=${OUT:-/tmp/gpu-out}
 WORK=${WORK:-/root/gpu}
 BATCH=${BATCH:-256}
@@ -51,7 +65,9 @@ LR=${LR:-0.2}
 EXTRA=${EXTRA:-}            # extra flags for the example (a local dry run uses --base-channels 8)
 BACKEND=${BACKEND:-wgpu}   # of the benches
 PROBES=${PROBES:-vulkan:burn:f16}
-BURN_IPS=${BURN_IPS:-1210}
+# Measured speeds (images/s at batch 256 on the H200, 2026-11-28), standing where a probe
+# leaves none.
+KNOWN=${KNOWN-wgpu:burn:f32=1210 vulkan:burn:f16=6338}
 mkdir -p "$OUT" "$WORK/bin" "$WORK/cifar"
 export XDG_RUNTIME_DIR=/tmp RUST_BACKTRACE=1 PYTHONUNBUFFERED=1
 # The example built for BACKEND: with the `vulkan` feature for vulkan, without it otherwise.
@@ -64,6 +80,11 @@ unpack_data() {
     ls "$WORK/cifar"
     stamp "unpacked $1"
 }
+# The caches a run leaves: CubeCL's autotune results (in `target/environment` under the
+# outermost Cargo.toml above the working directory, its default), relative to the checkout, and
+# the NVIDIA driver's compiled shaders, relative to $HOME.
+cache_dir() { if [ "$1" = cubecl ]; then pwd; else echo "$HOME"; fi; }
+cache_paths() { if [ "$1" = cubecl ]; then echo target/environment; else echo .cache/nvidia .nv; fi; }
 
 if [ "$stage" = 1 ]; then
     if command -v nvidia-smi >/dev/null; then
@@ -75,9 +96,13 @@ if [ "$stage" = 1 ]; then
         .device/call1/bin/bins.tar.xz "$WORK/bin" || exit 1
     cp .device/call1/CIFAR10-SHA256SUMS "$WORK/"
     unpack_data .device/call1
+    for c in cubecl home; do
+        f=.device/cache/cache-$c.tar.xz
+        [ -f "$f" ] && tar -C "$(cache_dir $c)" -xJf "$f" && stamp "restored $f"
+    done
 
     # Criterion on wgpu and PyTorch on CUDA, same cases as on the CPU.
-    if [ "${BENCHES:-1}" = 1 ]; then
+    if [ "${BENCHES:-0}" = 1 ]; then
         BENCH_BACKENDS=$BACKEND CRITERION_HOME=$WORK/criterion timeout 300 python3 benches/compare.py \
             --backends "$BACKEND" --torch-device "${TORCH_DEVICE:-cuda}" \
             --bench-binary "$WORK/bin/resnet-bench.stripped" --markdown "$OUT/bench-gpu.md" 2>&1 |
@@ -85,33 +110,19 @@ if [ "$stage" = 1 ]; then
         stamp "benches done"
     fi
 
-    # Training probes on batch 1 (as all five training batches and as the test set: speed
-    # only, their accuracy means nothing): time to the first step with cold caches, then
-    # steady images/s in the second epoch. The CubeCL caches they leave (autotune results in
-    # target/environment, kept while the machine is warm) serve stage 2.
-    P=$WORK/probe-data
-    mkdir -p "$P"
-    for f in data_batch_1 data_batch_2 data_batch_3 data_batch_4 data_batch_5 test_batch; do
-        ln -sf "$WORK/cifar/data_batch_1.bin" "$P/$f.bin"
-    done
-    echo "wgpu:burn:f32 $BURN_IPS" > "$WORK/probes.txt"
-    for probe in $PROBES; do
-        IFS=: read -r backend conv precision <<< "$probe"
-        name=$backend-$conv-$precision
-        timeout --foreground -k 10 -s INT "${PROBE_SECONDS:-240}" "$(bin_for "$backend")" --backend "$backend" --gpu-conv "$conv" \
-            --precision "$precision" --data-dir "$P" --epochs 2 --batch-size "$BATCH" \
-            --limit-train $((BATCH * ${PROBE_STEPS:-20})) --limit-test 1000 --no-progress $EXTRA \
-            --artifact-dir "$WORK/probe-$name" 2>&1 | tee "$OUT/probe-$name.log"
-        ips=$(awk -F, 'NR == 3 { print $8 }' "$WORK/probe-$name/metrics.csv" 2>/dev/null)
-        [ -f "$WORK/probe-$name/metrics.csv" ] && cp "$WORK/probe-$name/metrics.csv" "$OUT/probe-$name.csv"
-        [ -n "$ips" ] && echo "$probe $ips" >> "$WORK/probes.txt"
-        stamp "probe $probe: ${ips:-no speed} images/s"
-    done
+    rm -f "$WORK/probes.done"
+    if [ "${PROBES_BG:-1}" = 1 ]; then
+        setsid bash "$0" probes > "$WORK/probes.log" 2>&1 < /dev/null &
+        stamp "probes started in the background (pid $!): $PROBES"
+        exit 0
+    fi
+    bash "$0" probes 2>&1 | tee "$WORK/probes.log"
     cp "$WORK/probes.txt" "$OUT/"
 
     [ "${PROFILE:-0}" = 1 ] || { stamp "stage 1 done"; exit 0; }
     # Ten steps of the fastest with CubeCL's profiler: one line per kernel with its duration.
     IFS=: read -r backend conv precision <<< "$(sort -k2 -g -r "$WORK/probes.txt" | awk 'NR == 1 { print $1 }')"
+    P=$WORK/probe-data
     mkdir -p .gpu-profile
     printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\n' "$OUT/kernels.log" > .gpu-profile/cubecl.toml
     (cd .gpu-profile && timeout --foreground -k 10 -s INT 60 "$(bin_for "$backend")" --backend "$backend" --gpu-conv "$conv" \
@@ -124,8 +135,71 @@ if [ "$stage" = 1 ]; then
     exit 0
 fi
 
+if [ "$stage" = probes ]; then
+    # On batch 1 as all five training batches and as the test set: speed only, their accuracy
+    # means nothing. The training set is 20 full batches and the remainder the full set leaves
+    # (50,000 mod BATCH), the test set is 10,000 images as the real one, so that the caches they
+    # leave (kept while the machine is warm) hold every shape of stage 2.
+    P=$WORK/probe-data
+    mkdir -p "$P"
+    for f in data_batch_1 data_batch_2 data_batch_3 data_batch_4 data_batch_5 test_batch; do
+        ln -sf "$WORK/cifar/data_batch_1.bin" "$P/$f.bin"
+    done
+    : > "$WORK/probes.txt"
+    for probe in $PROBES; do
+        IFS=: read -r backend conv precision <<< "$probe"
+        name=$backend-$conv-$precision
+        timeout --foreground -k 10 -s INT "${PROBE_SECONDS:-420}" "$(bin_for "$backend")" --backend "$backend" --gpu-conv "$conv" \
+            --precision "$precision" --data-dir "$P" --epochs 2 --batch-size "$BATCH" \
+            --limit-train $((BATCH * ${PROBE_STEPS:-20} + 50000 % BATCH)) --limit-test 10000 --eval-flip \
+            --no-progress $EXTRA --artifact-dir "$WORK/probe-$name" > "$WORK/probe-$name.log" 2>&1
+        ips=$(awk -F, 'NR == 3 { print $8 }' "$WORK/probe-$name/metrics.csv" 2>/dev/null)
+        [ -n "$ips" ] && echo "$probe $ips" >> "$WORK/probes.txt"
+        stamp "probe $probe: ${ips:+$ips images/s}${ips:-no speed}"
+    done
+    touch "$WORK/probes.done"
+    exit 0
+fi
+
 if [ "$stage" = unpack ]; then
     unpack_data "${2:?unpack DIR}"
+    tail -2 "$WORK/probes.log" 2>/dev/null
+    exit 0
+fi
+
+if [ "$stage" = torch ]; then
+    # PyTorch, same model, batch and recipe, same GPU: strict fp32 (as Burn's f32), PyTorch's
+    # automatic mixed precision in f16 when Burn trained with f16 convolutions, TF32 (TF32=1).
+    precision=$(cat "$WORK/precision" 2>/dev/null || echo f16)
+    modes=fp32
+    [ "$precision" = f16 ] && modes="$modes amp-f16"
+    [ "${TF32:-0}" = 1 ] && modes="$modes tf32"
+    if [ "${TORCH_DEVICE:-cuda}" = cuda ]; then
+        for mode in $modes; do
+            flag=""
+            [ "$mode" = tf32 ] && flag=--tf32
+            [ "$mode" = amp-f16 ] && flag=--amp-f16
+            python3 scripts/cifar10_pytorch.py --device cuda --data-dir "$WORK/cifar" --epochs 2 \
+                --batch-size "$BATCH" --lr "$LR" --limit-train 25600 --limit-test 2000 \
+                --json "$OUT/pytorch-$mode.json" $flag 2>&1 | tee -a "$OUT/pytorch.log"
+            stamp "pytorch $mode done"
+        done
+        # ResNet-50's bench cases in PyTorch (R50=1), missing from 2026-11-28 (the benches' step
+        # ran out of time before them); Burn's are in BENCHMARKS.md.
+        if [ "${R50:-0}" = 1 ]; then
+            timeout 120 python3 benches/pytorch_reference.py --device cuda --cases resnet50_224 \
+                --json "$OUT/pytorch-resnet50.json" 2>&1 | tee -a "$OUT/pytorch.log"
+        fi
+    fi
+    # The probes' logs in one file, and the caches for the next lease (each file at most 16 MiB
+    # comes back).
+    (cd "$WORK" && tar cf - probes.log probes.txt probe-*.log probe-*/metrics.csv 2>/dev/null) | xz -6 > "$OUT/probes.tar.xz"
+    for c in cubecl home; do
+        paths=$(cd "$(cache_dir $c)" && for p in $(cache_paths $c); do [ -e "$p" ] && echo "$p"; done)
+        [ -n "$paths" ] && tar -C "$(cache_dir $c)" -cf - $paths | xz -T0 -6 > "$OUT/cache-$c.tar.xz"
+    done
+    ls -la "$OUT"
+    stamp "torch done"
     exit 0
 fi
 
@@ -134,52 +208,56 @@ unpack_data "${2:-.device/call3}"
 for f in data_batch_1 data_batch_2 data_batch_3 data_batch_4 data_batch_5 test_batch; do
     [ -f "$WORK/cifar/$f.bin" ] || { echo "$f.bin has not arrived: run the unpack calls first"; exit 1; }
 done
-
-# The choice: CHOICE, else the fastest of the probes (Burn's own f32 convolutions at
-# $BURN_IPS when no probe beat it or none left a speed).
-sort -k2 -g -r "$WORK/probes.txt" 2>/dev/null | tee "$OUT/probes-ranked.txt"
-best=$(sort -k2 -g -r "$WORK/probes.txt" 2>/dev/null | head -1)
-choice=${CHOICE:-${best%% *}}
-choice=${choice:-wgpu:burn:f32}
-ips=$(awk -v c="$choice" '$1 == c { print $2 }' "$WORK/probes.txt" 2>/dev/null | head -1)
-ips=${ips:-$BURN_IPS}
-IFS=: read -r backend conv precision <<< "$choice"
-stamp "training with $choice (probe: $ips images/s)"
-
-# PyTorch, same model, batch and recipe, same GPU: strict fp32 (as Burn's f32), TF32 and, when
-# Burn trains with f16 convolutions, PyTorch's automatic mixed precision in f16.
-if [ "${TORCH_DEVICE:-cuda}" = cuda ]; then
-    modes="fp32 tf32"
-    [ "$precision" = f16 ] && modes="$modes amp-f16"
-    for mode in $modes; do
-        flag=""
-        [ "$mode" = tf32 ] && flag=--tf32
-        [ "$mode" = amp-f16 ] && flag=--amp-f16
-        python3 scripts/cifar10_pytorch.py --device cuda --data-dir "$WORK/cifar" --epochs 2 \
-            --batch-size "$BATCH" --lr "$LR" --limit-train 25600 --limit-test 2000 \
-            --json "$OUT/pytorch-$mode.json" $flag 2>&1 | tee -a "$OUT/pytorch.log"
-    done
-    # ResNet-50's bench cases in PyTorch (R50=1), missing from 2026-11-28 (the benches' step
-    # ran out of time before them); Burn's are in BENCHMARKS.md.
-    if [ "${R50:-0}" = 1 ]; then
-        timeout 120 python3 benches/pytorch_reference.py --device cuda --cases resnet50_224 \
-            --json "$OUT/pytorch-resnet50.json" 2>&1 | tee -a "$OUT/pytorch.log"
+# The lease's end and the call's: both counted from this call's start.
+lease=${LEASE_SECONDS:-100000}
+call_end=${CALL_SECONDS:-600}
+reserve=${RESERVE_SECONDS:-150}
+# Seconds left to train: of the lease less the reserve, and of the call less 40 s (SIGINT's
+# grace and copying back).
+train_left() {
+    local elapsed=$(($(date +%s) - t0))
+    local a=$((lease - reserve - elapsed)) b=$((call_end - 40 - elapsed))
+    echo $((a < b ? a : b))
+}
+# The probes: wait for them while at least MIN_TRAIN_SECONDS would be left to train, then stop
+# them (one SIGINT to the example, as Ctrl-C: it stops at the next step).
+while [ ! -f "$WORK/probes.done" ] && pgrep -f "gpu_session.sh probes" > /dev/null; do
+    if [ "$(train_left)" -lt "${MIN_TRAIN_SECONDS:-240}" ]; then
+        stamp "stopping the probes to leave time for training"
+        pkill -INT -f "^$WORK/bin/"
+        sleep 15
+        break
     fi
-    stamp "pytorch done"
-fi
+    sleep 5
+done
+stamp "probes: $(tail -1 "$WORK/probes.log" 2>/dev/null)"
 
-# As many epochs as fit: the probe's speed, a test pass every EVAL_EVERY epochs (on the H200 on
-# 2026-11-28 it ran at about 1.3x the training speed: 6.5 s for 10,000 images) and 40 s for the
-# start (26 s to the first step on 2026-11-28, in a later process of the same machine) and the
-# final save; with EVAL_FLIP (default 1) one more pass of two forwards per test image.
-budget=${TRAIN_SECONDS:-400}
+# The choice: CHOICE, else the fastest of the probes and the known speeds (a probe's measured
+# speed replaces the known one of the same candidate).
+{ for k in $KNOWN; do echo "${k%=*} ${k#*=} known"; done; cat "$WORK/probes.txt" 2>/dev/null; } |
+    awk '{ speed[$1] = $2; how[$1] = ($3 == "" ? "probed" : $3) } END { for (c in speed) print c, speed[c], how[c] }' |
+    sort -k2 -g -r | tee "$OUT/probes-ranked.txt"
+choice=${CHOICE:-$(awk 'NR == 1 { print $1 }' "$OUT/probes-ranked.txt")}
+choice=${choice:-wgpu:burn:f32}
+ips=$(awk -v c="$choice" '$1 == c { print $2 }' "$OUT/probes-ranked.txt")
+ips=${ips:-1210}
+IFS=: read -r backend conv precision <<< "$choice"
+echo "$precision" > "$WORK/precision"
+
+# As many epochs as fit: at the probe's speed, a test pass every EVAL_EVERY epochs (on the H200
+# in f16 it took 0.6 s for 10,000 images; reckoned here at 1.2x the training speed), 40 s for the
+# start and the final save (the first step took 8.2 s with warm caches, the first epoch 10 s more
+# than the others), and with EVAL_FLIP (default 1) one more pass of two forwards per test image.
+# The limit: TRAIN_SECONDS, else train_left (RESERVE_SECONDS is for stage torch and the
+# transfers).
+budget=${TRAIN_SECONDS:-$(train_left)}
 every=${EVAL_EVERY:-1}
 flip=${EVAL_FLIP:-1}
 epochs=${EPOCHS:-$(awk -v ips="$ips" -v budget="$budget" -v every="$every" -v flip="$flip" 'BEGIN {
     test = 10000 / (1.2 * ips); epoch = 50000 / ips + test / every
     e = int((budget - 40 - 2 * flip * test) / epoch)
     print (e < 1 ? 1 : e) }')}
-stamp "training $epochs epochs in at most ${budget}s (expecting $ips images/s)"
+stamp "training with $choice: $epochs epochs in at most ${budget}s (expecting $ips images/s)"
 timeout --foreground -k 20 -s INT "$budget" "$(bin_for "$backend")" --backend "$backend" --gpu-conv "$conv" --precision "$precision" \
     --data-dir "$WORK/cifar" --epochs "$epochs" --batch-size "$BATCH" --lr "$LR" \
     --eval-every "$every" $([ "$flip" = 1 ] && echo --eval-flip) \
