@@ -155,7 +155,7 @@ if [ "$stage" = probes ]; then
             --no-progress $EXTRA --artifact-dir "$WORK/probe-$name" > "$WORK/probe-$name.log" 2>&1
         ips=$(awk -F, 'NR == 3 { print $8 }' "$WORK/probe-$name/metrics.csv" 2>/dev/null)
         [ -n "$ips" ] && echo "$probe $ips" >> "$WORK/probes.txt"
-        stamp "probe $probe: ${ips:+$ips images/s}${ips:-no speed}"
+        if [ -n "$ips" ]; then stamp "probe $probe: $ips images/s"; else stamp "probe $probe: no speed"; fi
     done
     touch "$WORK/probes.done"
     exit 0
