@@ -327,7 +327,8 @@ fn conv_im2col_within(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{devices, relative_difference};
+    use crate::testing::{devices, relative_difference, seeded_normal};
+    use burn::module::Param;
     use burn::nn::PaddingConfig2d;
     use burn::nn::conv::Conv2dConfig;
     use burn::tensor::{Device, Distribution};
@@ -405,11 +406,7 @@ mod tests {
     ) {
         let expected = conv.forward(x.clone());
         assert_eq!(got.dims(), expected.dims(), "{case}");
-        let weights = Tensor::<4>::random(
-            expected.dims(),
-            Distribution::Normal(0.0, 1.0),
-            &expected.device(),
-        );
+        let weights = seeded_normal(expected.dims(), 0, &expected.device());
         let grads_expected = (expected.clone() * weights.clone()).sum().backward();
         let grads_got = (got.clone() * weights).sum().backward();
         let output = relative_difference(got.inner(), expected.inner());
@@ -430,6 +427,14 @@ mod tests {
     /// On every GPU device (lavapipe in CI), f16 convolutions, Burn's and im2col, with and
     /// without bias, return f32 and differ from the f32 convolution by f16 rounding only, in
     /// the output and both gradients; f32 precision leaves the convolution as it was.
+    ///
+    /// How far f16 goes: Burn's f16 convolution on lavapipe accumulates in f16 too, so a sum
+    /// of K products is off by about sqrt(K) * 2^-11 of its scale. The weight gradient sums
+    /// K = 3 * 9 * 9 = 243 products (7.6e-3 by that estimate); over 50 random draws it
+    /// differed by 3.8e-3 on average and 6.3e-3 at most (the output by 3.2e-3, the input
+    /// gradient by 1.5e-3). With the seeded inputs here: 3.3e-3, and 5.5e-4 for im2col. Each
+    /// run computes the same; the bound, 2e-2, stays far below what a wrong kernel gives
+    /// (differences of order 1).
     #[cfg(feature = "wgpu")]
     #[test]
     fn f16_convolutions_match_f32_to_f16_rounding() {
@@ -444,12 +449,15 @@ mod tests {
                 "{device:?} has no f16 arithmetic: this test needs one that has"
             );
             for bias in [false, true] {
-                let conv = Conv2dConfig::new([8, 16], [3, 3])
+                let mut conv = Conv2dConfig::new([8, 16], [3, 3])
                     .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
                     .with_bias(bias)
                     .init(&device);
-                let x = Tensor::<4>::random([3, 8, 9, 9], Distribution::Normal(0.0, 1.0), &device)
-                    .require_grad();
+                conv.weight = Param::from_tensor(seeded_normal([16, 8, 3, 3], 1, &device) * 0.2);
+                if bias {
+                    conv.bias = Some(Param::from_tensor(seeded_normal([16], 2, &device) * 0.2));
+                }
+                let x = seeded_normal([3, 8, 9, 9], 3, &device).require_grad();
                 for how in [GpuConv::Burn, GpuConv::Im2col] {
                     let case = format!("{device:?} {how:?} bias {bias}");
                     let exact = conv_with(&conv, x.clone(), how, GpuPrecision::F32);
@@ -459,7 +467,7 @@ mod tests {
                     let rounding =
                         relative_difference(got.clone().inner(), conv.forward(x.clone()).inner());
                     assert!(rounding > 1e-6, "{case}: not computed in f16 ({rounding})");
-                    assert_matches_burn(&case, &conv, &x, got, 5e-3);
+                    assert_matches_burn(&case, &conv, &x, got, 2e-2);
                 }
             }
         }

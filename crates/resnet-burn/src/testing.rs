@@ -1,6 +1,8 @@
 //! What the unit tests share: the devices they run on and how they compare tensors.
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 
 /// Every backend compiled in, and whether it is a GPU backend (wgpu on the default adapter:
 /// lavapipe, on the CPU, in CI).
@@ -31,4 +33,16 @@ pub(crate) fn relative_difference<const D: usize>(got: Tensor<D>, expected: Tens
     let scale: f32 = expected.clone().abs().max().into_scalar();
     let difference: f32 = (got - expected).abs().max().into_scalar();
     difference / scale.max(f32::MIN_POSITIVE)
+}
+
+/// Standard normal values drawn on the host from `seed`: the same tensor on every device and
+/// in every run, whatever else draws from Burn's process-wide generator.
+pub(crate) fn seeded_normal<const D: usize>(
+    dims: [usize; D],
+    seed: u64,
+    device: &Device,
+) -> Tensor<D> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let data = TensorData::random::<f32, _, _>(dims, Distribution::Normal(0.0, 1.0), &mut rng);
+    Tensor::from_data(data, device)
 }
