@@ -220,10 +220,12 @@ train_left() {
     echo $((a < b ? a : b))
 }
 # The probes: wait for them while at least MIN_TRAIN_SECONDS would be left to train, then stop
-# them (one SIGINT to the example, as Ctrl-C: it stops at the next step).
+# them: the loop, so that it starts no other probe, and the example with one SIGINT, as Ctrl-C
+# (it stops at the next step).
 while [ ! -f "$WORK/probes.done" ] && pgrep -f "gpu_session.sh probes" > /dev/null; do
     if [ "$(train_left)" -lt "${MIN_TRAIN_SECONDS:-240}" ]; then
         stamp "stopping the probes to leave time for training"
+        pkill -TERM -f "gpu_session.sh probes"
         pkill -INT -f "^$WORK/bin/"
         sleep 15
         break
