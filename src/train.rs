@@ -5,10 +5,11 @@
 //! several devices, it trains data-parallel ([`crate::parallel`]); with f16 convolutions,
 //! with dynamic loss scaling ([`crate::scaler`]).
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use burn::module::{Module, ParamGroup};
@@ -269,7 +270,8 @@ pub struct Control {
     pub stop: Arc<AtomicBool>,
     /// Stop as if interrupted once this many steps have run in this process (tests).
     pub stop_after_steps: Option<usize>,
-    /// Show progress bars (a line per epoch is printed either way).
+    /// Show progress within epochs and evaluations: bars on a terminal, a line a minute in a
+    /// log (a line per epoch is printed either way).
     pub progress: bool,
 }
 
@@ -382,7 +384,9 @@ pub fn train(
         let epoch = state.epoch;
         let bar = progress_bar(control.progress, steps_per_epoch, epoch, options.epochs);
         bar.set_position(state.step as u64);
+        let mut log = LogLine::new(control.progress);
         let started = Instant::now();
+        let first_step = state.step;
         let mut lr = options.learning_rate(
             epoch * steps_per_epoch + state.step,
             steps_per_epoch,
@@ -449,12 +453,23 @@ pub fn train(
             }
             bar.inc(1);
             let seconds = state.epoch_seconds + started.elapsed().as_secs_f64();
-            bar.set_message(format!(
+            let message = format!(
                 "loss {:.3} acc {:.1}% lr {lr:.4} {:.0} img/s",
                 state.loss_sum / state.seen as f64,
                 100.0 * state.correct as f64 / state.seen as f64,
                 state.seen as f64 / seconds
-            ));
+            );
+            if log.as_mut().is_some_and(LogLine::due) {
+                let per_step = started.elapsed().as_secs_f64() / (state.step - first_step) as f64;
+                println!(
+                    "epoch {}/{} step {}/{steps_per_epoch}: {message}, the epoch ends in {}",
+                    epoch + 1,
+                    options.epochs,
+                    state.step,
+                    about(per_step * (steps_per_epoch - state.step) as f64)
+                );
+            }
+            bar.set_message(message);
 
             let stop_requested = control.stop.load(Ordering::SeqCst)
                 || control
@@ -480,13 +495,16 @@ pub fn train(
             (epoch + 1).is_multiple_of(options.eval_every) || epoch + 1 == options.epochs;
         let eval = evaluated
             .then(|| {
-                evaluate(
+                evaluate_showing(
                     &model.valid(),
                     &test,
                     options.eval_batch_size,
                     device,
                     &eval_loss,
                     false,
+                    control
+                        .progress
+                        .then(|| format!("evaluating after epoch {}", epoch + 1)),
                 )
             })
             .transpose()
@@ -548,13 +566,16 @@ pub fn train(
     let test_accuracy_flip = options
         .eval_flip
         .then(|| {
-            evaluate(
+            evaluate_showing(
                 &model,
                 &test,
                 options.eval_batch_size,
                 device,
                 &eval_loss,
                 true,
+                control
+                    .progress
+                    .then(|| "evaluating with flip test-time augmentation".to_owned()),
             )
         })
         .transpose()
@@ -599,9 +620,29 @@ pub fn evaluate(
     loss_fn: &CrossEntropyLoss,
     flip: bool,
 ) -> Result<Evaluation> {
+    evaluate_showing(model, dataset, batch_size, device, loss_fn, flip, None)
+}
+
+/// [`evaluate`], showing its progress under `label` when there is one.
+fn evaluate_showing(
+    model: &ResNet,
+    dataset: &Arc<Cifar10Dataset>,
+    batch_size: usize,
+    device: &Device,
+    loss_fn: &CrossEntropyLoss,
+    flip: bool,
+    label: Option<String>,
+) -> Result<Evaluation> {
     let loader = EpochLoader::eval(dataset.clone(), batch_size);
+    let batches = loader.num_batches();
+    let bar = match &label {
+        Some(label) => styled_bar(batches, label),
+        None => indicatif::ProgressBar::hidden(),
+    };
+    let mut log = LogLine::new(label.is_some());
+    let started = Instant::now();
     let (mut loss_sum, mut correct, mut seen) = (0f64, 0f64, 0usize);
-    for host in loader.epoch(0, 2) {
+    for (done, host) in loader.epoch(0, 2).enumerate() {
         let n = host.len();
         let Cifar10Batch { images, targets } = host.to_device(device);
         let logits = if flip {
@@ -615,7 +656,20 @@ pub fn evaluate(
         loss_sum += l as f64 * n as f64;
         correct += c as f64;
         seen += n;
+        bar.inc(1);
+        if let Some(label) = label
+            .as_ref()
+            .filter(|_| log.as_mut().is_some_and(LogLine::due))
+        {
+            let per_batch = started.elapsed().as_secs_f64() / (done + 1) as f64;
+            println!(
+                "{label}: {seen}/{} images, done in {}",
+                dataset.len(),
+                about(per_batch * (batches - done - 1) as f64)
+            );
+        }
     }
+    bar.finish_and_clear();
     Ok(Evaluation {
         loss: loss_sum / seen.max(1) as f64,
         accuracy: correct / seen.max(1) as f64,
@@ -741,13 +795,88 @@ fn progress_bar(show: bool, steps: usize, epoch: usize, epochs: usize) -> indica
     if !show {
         return indicatif::ProgressBar::hidden();
     }
-    let bar = indicatif::ProgressBar::new(steps as u64);
+    styled_bar(steps, &format!("epoch {}/{epochs}", epoch + 1))
+}
+
+/// A bar of `len` steps headed by `label`, drawn where stderr is a terminal.
+fn styled_bar(len: usize, label: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(&format!(
-            "epoch {}/{epochs} {{bar:30}} {{pos}}/{{len}} {{elapsed}}<{{eta}} {{msg}}",
-            epoch + 1
+            "{label} {{bar:30}} {{pos}}/{{len}} {{elapsed}}<{{eta}} {{msg}}"
         ))
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar
+}
+
+/// Where no bar is drawn (stderr is a file or a pipe: a log), a plain line at most once a
+/// minute instead, so that a log shows a long epoch or evaluation moving.
+struct LogLine {
+    every: Duration,
+    last: Instant,
+}
+
+impl LogLine {
+    /// A log line when progress is shown and stderr is not a terminal; `None` otherwise.
+    fn new(show: bool) -> Option<Self> {
+        (show && !std::io::stderr().is_terminal()).then(|| Self {
+            every: Duration::from_secs(60),
+            last: Instant::now(),
+        })
+    }
+
+    /// Whether a line is due now (and the next one a minute later).
+    fn due(&mut self) -> bool {
+        self.due_at(Instant::now())
+    }
+
+    fn due_at(&mut self, now: Instant) -> bool {
+        let due = now.duration_since(self.last) >= self.every;
+        if due {
+            self.last = now;
+        }
+        due
+    }
+}
+
+/// `seconds` as a person reads a remaining time: "about 40 s", "about 12 min", "about 2.5 h".
+fn about(seconds: f64) -> String {
+    if seconds < 90.0 {
+        format!("about {:.0} s", seconds.max(0.0))
+    } else if seconds < 90.0 * 60.0 {
+        format!("about {:.0} min", seconds / 60.0)
+    } else {
+        format!("about {:.1} h", seconds / 3600.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A line is due once a minute has passed since the last, and not again before the next.
+    #[test]
+    fn a_log_line_comes_once_a_minute() {
+        let start = Instant::now();
+        let mut log = LogLine {
+            every: Duration::from_secs(60),
+            last: start,
+        };
+        assert!(!log.due_at(start + Duration::from_secs(59)));
+        assert!(log.due_at(start + Duration::from_secs(60)));
+        assert!(!log.due_at(start + Duration::from_secs(119)));
+        assert!(log.due_at(start + Duration::from_secs(125)));
+        assert!(!log.due_at(start + Duration::from_secs(184)));
+    }
+
+    #[test]
+    fn remaining_times_read_as_a_person_says_them() {
+        assert_eq!(about(-1.0), "about 0 s");
+        assert_eq!(about(42.4), "about 42 s");
+        assert_eq!(about(89.0), "about 89 s");
+        assert_eq!(about(90.0), "about 2 min");
+        assert_eq!(about(12.0 * 60.0), "about 12 min");
+        assert_eq!(about(2.5 * 3600.0), "about 2.5 h");
+    }
 }
