@@ -147,7 +147,8 @@ struct Args {
     /// augmentation (the mean of the logits of each image and its mirror image).
     #[arg(long)]
     eval_flip: bool,
-    /// No progress bars (logs).
+    /// Only the line per epoch: no progress within epochs and evaluations (bars on a terminal,
+    /// a line a minute where output goes to a file).
     #[arg(long)]
     no_progress: bool,
     /// Convolutions on a GPU backend: burn (Burn's kernels) or im2col (im2col + matrix
