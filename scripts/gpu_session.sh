@@ -37,8 +37,8 @@
 # Vulkan, whose SPIR-V compiler gives CubeCL's matrix kernels the GPU's tensor cores
 # (cooperative matrices), which f32 does not get. The second lease (BENCHMARKS.md) ranked them:
 # Vulkan with Burn's convolutions in f16 trained at 6,338 images/s, im2col in f16 probed at 616,
-# im2col in f32 crashed. So the default probe is that one alone, and where it leaves no speed
-# its known one ($KNOWN) stands. CHOICE=BACKEND:CONV:PRECISION makes stage 2 train with that
+# im2col in f32 crashed. So the default probe is that one alone; where it leaves no speed (stopped
+# or out of time) its known one ($KNOWN) stands, where it fails (a crash, an error) it is out. CHOICE=BACKEND:CONV:PRECISION makes stage 2 train with that
 # one regardless of the probes.
 #
 # The plan that fits 15 minutes, each call made as soon as the last returns:
@@ -153,9 +153,19 @@ if [ "$stage" = probes ]; then
             --precision "$precision" --data-dir "$P" --epochs 2 --batch-size "$BATCH" \
             --limit-train $((BATCH * ${PROBE_STEPS:-20} + 50000 % BATCH)) --limit-test 10000 --eval-flip \
             --no-progress $EXTRA --artifact-dir "$WORK/probe-$name" > "$WORK/probe-$name.log" 2>&1
+        rc=$?
         ips=$(awk -F, 'NR == 3 { print $8 }' "$WORK/probe-$name/metrics.csv" 2>/dev/null)
-        [ -n "$ips" ] && echo "$probe $ips" >> "$WORK/probes.txt"
-        if [ -n "$ips" ]; then stamp "probe $probe: $ips images/s"; else stamp "probe $probe: no speed"; fi
+        if [ -n "$ips" ]; then
+            echo "$probe $ips" >> "$WORK/probes.txt"
+            stamp "probe $probe: $ips images/s"
+        elif [ "$rc" = 0 ] || [ "$rc" = 124 ]; then
+            stamp "probe $probe: no speed (stopped or out of time)"
+        else
+            # It crashed or failed (a driver fault, an allocation the GPU refused): not a
+            # candidate, whatever its known speed.
+            echo "$probe failed" >> "$WORK/probes.txt"
+            stamp "probe $probe: failed (exit status $rc)"
+        fi
     done
     touch "$WORK/probes.done"
     exit 0
@@ -235,9 +245,11 @@ done
 stamp "probes: $(tail -1 "$WORK/probes.log" 2>/dev/null)"
 
 # The choice: CHOICE, else the fastest of the probes and the known speeds (a probe's measured
-# speed replaces the known one of the same candidate).
+# speed replaces the known one of the same candidate; a probe that failed removes it).
 { for k in $KNOWN; do echo "${k%=*} ${k#*=} known"; done; cat "$WORK/probes.txt" 2>/dev/null; } |
-    awk '{ speed[$1] = $2; how[$1] = ($3 == "" ? "probed" : $3) } END { for (c in speed) print c, speed[c], how[c] }' |
+    awk '$2 == "failed" { failed[$1] = 1; next }
+         { speed[$1] = $2; how[$1] = ($3 == "" ? "probed" : $3) }
+         END { for (c in speed) if (!(c in failed)) print c, speed[c], how[c] }' |
     sort -k2 -g -r | tee "$OUT/probes-ranked.txt"
 choice=${CHOICE:-$(awk 'NR == 1 { print $1 }' "$OUT/probes-ranked.txt")}
 choice=${choice:-wgpu:burn:f32}
