@@ -41,11 +41,13 @@
 # or out of time) its known one ($KNOWN) stands, where it fails (a crash, an error) it is out. CHOICE=BACKEND:CONV:PRECISION makes stage 2 train with that
 # one regardless of the probes.
 #
-# The plan that fits 15 minutes, each call made as soon as the last returns:
-#   1. bash scripts/gpu_session.sh 1                              carry .gl .device/call1 [.device/cache]
-#   2. bash scripts/gpu_session.sh unpack .device/call2           carry .device/call2
-#   3. LEASE_SECONDS=<budget_left_s> EVAL_EVERY=2 bash scripts/gpu_session.sh 2    carry .device/call3
-#   4. bash scripts/gpu_session.sh torch
+# The plan that fits 15 minutes, each call made as soon as the last returns (timeout_s: what
+# the call may take; stage 2 keeps inside 600 s by itself):
+#   1. bash scripts/gpu_session.sh 1                    carry .gl .device/call1 [.device/cache]   120
+#   2. bash scripts/gpu_session.sh unpack .device/call2 carry .device/call2                        120
+#   3. LEASE_SECONDS=<budget_left_s> EVAL_EVERY=2 bash scripts/gpu_session.sh 2  carry .device/call3  600
+#   4. bash scripts/gpu_session.sh torch                                                     240
+# then give_back. Put the cache-*.tar.xz of call 4 into .device/cache for the next lease.
 #
 # Building what stage 1 carries (here, x86-64 like the GPU machine): two builds of the example,
 # because with the `vulkan` feature CubeCL compiles SPIR-V for every Vulkan adapter, `--backend
