@@ -657,9 +657,8 @@ fn evaluate_showing(
         correct += c as f64;
         seen += n;
         bar.inc(1);
-        if let Some(label) = label
-            .as_ref()
-            .filter(|_| log.as_mut().is_some_and(LogLine::due))
+        if let (Some(label), Some(log)) = (&label, &mut log)
+            && log.due()
         {
             let per_batch = started.elapsed().as_secs_f64() / (done + 1) as f64;
             println!(
