@@ -495,7 +495,7 @@ pub fn train(
             (epoch + 1).is_multiple_of(options.eval_every) || epoch + 1 == options.epochs;
         let eval = evaluated
             .then(|| {
-                evaluate_showing(
+                evaluate(
                     &model.valid(),
                     &test,
                     options.eval_batch_size,
@@ -504,7 +504,8 @@ pub fn train(
                     false,
                     control
                         .progress
-                        .then(|| format!("evaluating after epoch {}", epoch + 1)),
+                        .then(|| format!("evaluating after epoch {}", epoch + 1))
+                        .as_deref(),
                 )
             })
             .transpose()
@@ -566,7 +567,7 @@ pub fn train(
     let test_accuracy_flip = options
         .eval_flip
         .then(|| {
-            evaluate_showing(
+            evaluate(
                 &model,
                 &test,
                 options.eval_batch_size,
@@ -575,7 +576,7 @@ pub fn train(
                 true,
                 control
                     .progress
-                    .then(|| "evaluating with flip test-time augmentation".to_owned()),
+                    .then_some("evaluating with flip test-time augmentation"),
             )
         })
         .transpose()
@@ -610,8 +611,9 @@ pub struct Evaluation {
 }
 
 /// Evaluates `model` (in evaluation mode) on `dataset`; with `flip`, on the mean of the
-/// logits of each image and of its horizontal mirror (test-time augmentation). Fails when the
-/// device fails.
+/// logits of each image and of its horizontal mirror (test-time augmentation). With a
+/// `label`, shows its progress under it (a bar on a terminal, a line a minute in a log).
+/// Fails when the device fails.
 pub fn evaluate(
     model: &ResNet,
     dataset: &Arc<Cifar10Dataset>,
@@ -619,23 +621,11 @@ pub fn evaluate(
     device: &Device,
     loss_fn: &CrossEntropyLoss,
     flip: bool,
-) -> Result<Evaluation> {
-    evaluate_showing(model, dataset, batch_size, device, loss_fn, flip, None)
-}
-
-/// [`evaluate`], showing its progress under `label` when there is one.
-fn evaluate_showing(
-    model: &ResNet,
-    dataset: &Arc<Cifar10Dataset>,
-    batch_size: usize,
-    device: &Device,
-    loss_fn: &CrossEntropyLoss,
-    flip: bool,
-    label: Option<String>,
+    label: Option<&str>,
 ) -> Result<Evaluation> {
     let loader = EpochLoader::eval(dataset.clone(), batch_size);
     let batches = loader.num_batches();
-    let bar = match &label {
+    let bar = match label {
         Some(label) => styled_bar(batches, label),
         None => indicatif::ProgressBar::hidden(),
     };
@@ -657,7 +647,7 @@ fn evaluate_showing(
         correct += c as f64;
         seen += n;
         bar.inc(1);
-        if let (Some(label), Some(log)) = (&label, &mut log)
+        if let (Some(label), Some(log)) = (label, &mut log)
             && log.due()
         {
             let per_batch = started.elapsed().as_secs_f64() / (done + 1) as f64;

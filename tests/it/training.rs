@@ -239,7 +239,7 @@ fn flip_evaluation_scores_a_set_and_its_mirror_image_alike() {
         .init(&device);
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
     let score = |set: &Arc<Cifar10Dataset>, flip| {
-        evaluate(&model, set, 8, &device, &loss_fn, flip).unwrap()
+        evaluate(&model, set, 8, &device, &loss_fn, flip, None).unwrap()
     };
     let (plain, plain_mirrored) = (score(&test, false), score(&mirrored, false));
     let (flip, flip_mirrored) = (score(&test, true), score(&mirrored, true));
