@@ -38,3 +38,7 @@ pub use batcher::{Cifar10Batch, Cifar10Batcher, EpochLoader, HostBatch};
 pub use dataset::{Cifar10Dataset, Cifar10Item, Split};
 pub use error::Cifar10Error;
 pub use format::CLASSES;
+
+#[cfg(all(doctest, feature = "download"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
