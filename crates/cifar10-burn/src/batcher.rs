@@ -225,6 +225,11 @@ impl EpochLoader {
     }
 
     /// Prepares batch `index` of `epoch` (whose image indices are `indices`) on the host.
+    ///
+    /// # Panics
+    ///
+    /// If an index is not below the dataset's length; [`batches`](Self::batches) gives
+    /// only valid ones.
     pub fn host_batch(&self, epoch: usize, index: usize, indices: &[usize]) -> HostBatch {
         let images: Vec<&[u8]> = indices
             .iter()

@@ -68,6 +68,10 @@ pub fn parse_batch(
 
 /// Encodes images and labels as a batch file: the inverse of [`parse_batch`], for tests and
 /// tools that write small CIFAR-10 files.
+///
+/// # Panics
+///
+/// If an image does not have [`IMAGE_BYTES`] bytes.
 pub fn encode_batch<'a>(records: impl IntoIterator<Item = (u8, &'a [u8])>) -> Vec<u8> {
     let mut bytes = Vec::new();
     for (label, image) in records {
