@@ -31,14 +31,22 @@ use cifar10_burn::{Cifar10Batch, HostBatch};
 use resnet_burn::ResNet;
 
 /// The gradients of one training step, on the main device, with the step's mean loss and
-/// the number of correct predictions.
+/// number of correct predictions still on the device: the training loop reads them together
+/// with its other per-step values in one transfer ([`read_joined`]), so that a step waits
+/// for the device once.
 pub struct StepOutput {
     /// Gradients of the batch's mean loss, on the main device.
     pub grads: GradientsParams,
-    /// Mean training loss over the batch.
-    pub loss: f32,
-    /// Correct predictions in the batch.
-    pub correct: usize,
+    /// `[mean training loss over the batch, correct predictions]`, f32, on the main device.
+    pub totals: Tensor<1>,
+}
+
+impl StepOutput {
+    /// Reads the mean loss and the number of correct predictions from the device.
+    pub fn loss_and_correct(&self) -> Result<(f32, usize)> {
+        let values = read_joined(vec![self.totals.clone()])?;
+        Ok((values[0], values[1] as usize))
+    }
 }
 
 /// Computes training-step gradients on one or more autodiff devices.
@@ -113,7 +121,7 @@ impl DataParallel {
         }
         if self.workers.is_empty() {
             let scale = (loss_scale != 1.0).then_some(loss_scale);
-            return shard_step(model, batch, &self.main, &self.loss_fn, scale);
+            return Ok(shard_step(model, batch, &self.main, &self.loss_fn, scale));
         }
         let shards = batch.split(self.num_devices());
         let sizes: Vec<usize> = shards.iter().map(HostBatch::len).collect();
@@ -131,11 +139,16 @@ impl DataParallel {
                 .map_err(|_| worker.gone())?;
         }
         let weight = loss_scale * sizes[0] as f32 / total as f32;
-        let main = shard_step(model, main_batch, &self.main, &self.loss_fn, Some(weight));
+        let main = Ok(shard_step(
+            model,
+            main_batch,
+            &self.main,
+            &self.loss_fn,
+            Some(weight),
+        ));
 
         let mut accumulator = GradientsAccumulator::new();
-        let mut loss = 0.0;
-        let mut correct = 0;
+        let mut totals: Option<Tensor<1>> = None;
         let others = self.workers.iter().map(|worker| {
             worker
                 .results
@@ -146,13 +159,17 @@ impl DataParallel {
         for (shard, size) in std::iter::once(main).chain(others).zip(&sizes) {
             let shard = shard?;
             accumulator.accumulate(model, shard.grads);
-            loss += shard.loss as f64 * *size as f64;
-            correct += shard.correct;
+            // The shard's mean loss weighted by its share of the batch; its count as it is.
+            let share = Tensor::from_floats([*size as f32 / total as f32, 1.0], &self.main);
+            let weighted = shard.totals * share;
+            totals = Some(match totals {
+                Some(sum) => sum + weighted,
+                None => weighted,
+            });
         }
         Ok(StepOutput {
             grads: accumulator.grads(),
-            loss: (loss / total as f64) as f32,
-            correct,
+            totals: totals.expect("one shard a device"),
         })
     }
 }
@@ -191,13 +208,9 @@ pub fn loss_fn(label_smoothing: f32, device: &Device) -> CrossEntropyLoss {
         .init(device)
 }
 
-/// Reads the loss and the number of correct predictions with one transfer from the device;
-/// fails when the device failed computing them (out of memory, for one).
-pub fn loss_and_correct(
-    loss: &Tensor<1>,
-    logits: Tensor<2>,
-    targets: Tensor<1, Int>,
-) -> Result<(f32, usize)> {
+/// `[loss, number of correct predictions]` as one f32 tensor on the loss's device, to read
+/// with [`read_joined`].
+pub fn loss_and_correct(loss: &Tensor<1>, logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
     let [batch, _] = logits.dims();
     let correct = logits
         .detach()
@@ -207,16 +220,21 @@ pub fn loss_and_correct(
         .int()
         .sum()
         .float();
-    let both = Tensor::cat(
+    Tensor::cat(
         vec![loss.clone().detach().reshape([1]), correct.reshape([1])],
         0,
-    );
-    let values: Vec<f32> = both
+    )
+}
+
+/// Reads one-dimensional tensors of one device, joined, with one transfer (which waits for
+/// the device to compute them); fails when the device failed computing them (out of memory,
+/// for one).
+pub fn read_joined(parts: Vec<Tensor<1>>) -> Result<Vec<f32>> {
+    Tensor::cat(parts, 0)
         .try_into_data()
-        .map_err(|error| anyhow!("the device failed computing the loss: {error}"))?
+        .map_err(|error| anyhow!("the device failed computing the values read: {error}"))?
         .try_into_vec_as::<f32>()
-        .map_err(|error| anyhow!("reading the loss: {error:?}"))?;
-    Ok((values[0], values[1] as usize))
+        .map_err(|error| anyhow!("reading values from the device: {error:?}"))
 }
 
 struct Job {
@@ -244,20 +262,19 @@ impl Worker {
                 for job in job_receiver {
                     let result = catch_unwind(AssertUnwindSafe(|| {
                         let replica = job.model.fork(&worker_device);
-                        shard_step(
+                        let shard = shard_step(
                             &replica,
                             job.batch,
                             &worker_device,
                             &loss_fn,
                             Some(job.weight),
-                        )
-                        .map(|shard| StepOutput {
+                        );
+                        StepOutput {
                             grads: shard.grads.to_device(&main, &replica),
-                            ..shard
-                        })
+                            totals: shard.totals.to_device(&main),
+                        }
                     }))
-                    .map_err(panic_message)
-                    .and_then(|result| result.map_err(|error| format!("{error:#}")));
+                    .map_err(panic_message);
                     if result_sender.send(result).is_err() {
                         break;
                     }
@@ -292,18 +309,17 @@ fn shard_step(
     device: &Device,
     loss_fn: &CrossEntropyLoss,
     weight: Option<f32>,
-) -> Result<StepOutput> {
+) -> StepOutput {
     let Cifar10Batch { images, targets } = batch.to_device(device);
     let logits = model.forward(images);
     let loss = loss_fn.forward(logits.clone(), targets.clone());
-    let (loss_value, correct) = loss_and_correct(&loss, logits, targets)?;
+    let totals = loss_and_correct(&loss, logits, targets);
     let loss = match weight {
         Some(weight) => loss.mul_scalar(weight),
         None => loss,
     };
-    Ok(StepOutput {
+    StepOutput {
         grads: GradientsParams::from_grads(loss.backward(), model),
-        loss: loss_value,
-        correct,
-    })
+        totals,
+    }
 }

@@ -70,10 +70,10 @@ impl LossScaler {
     }
 }
 
-/// Divides every gradient of `model`'s parameters in `grads` by `scale`, and returns whether
-/// all of them are finite (one transfer from the device); fails when the device failed
-/// computing them.
-pub fn unscale(grads: &mut GradientsParams, model: &ResNet, scale: f32) -> anyhow::Result<bool> {
+/// Divides every gradient of `model`'s parameters in `grads` by `scale`, and returns the sum
+/// of all their elements, on the device, without waiting for it: it is finite exactly when
+/// every gradient is. `None` when `grads` holds none of them.
+pub fn unscale(grads: &mut GradientsParams, model: &ResNet, scale: f32) -> Option<Tensor<1>> {
     struct Unscale<'a> {
         grads: &'a mut GradientsParams,
         inverse: f32,
@@ -101,13 +101,7 @@ pub fn unscale(grads: &mut GradientsParams, model: &ResNet, scale: f32) -> anyho
         sum: None,
     };
     model.visit(&mut visitor);
-    let Some(sum) = visitor.sum else {
-        return Ok(true);
-    };
-    let sum = sum
-        .try_into_scalar::<f32>()
-        .map_err(|error| anyhow::anyhow!("the device failed computing the gradients: {error:?}"))?;
-    Ok(sum.is_finite())
+    visitor.sum
 }
 
 #[cfg(test)]

@@ -24,7 +24,9 @@ use resnet_burn::{GpuPrecision, ResNet, ResNetConfig, Stem};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{pack, unpack, write_atomic};
-use crate::parallel::{DataParallel, StepOutput, initialize, loss_and_correct, loss_fn};
+use crate::parallel::{
+    DataParallel, StepOutput, initialize, loss_and_correct, loss_fn, read_joined,
+};
 use crate::scaler::{LossScaler, unscale};
 
 /// Everything that decides what a run computes. Saved as `config.json`.
@@ -397,13 +399,20 @@ pub fn train(
             lr =
                 options.learning_rate(epoch * steps_per_epoch + step, steps_per_epoch, total_steps);
             let loss_scale = state.scaler.as_ref().map_or(1.0, LossScaler::scale);
-            let StepOutput {
-                mut grads,
-                loss: loss_value,
-                correct,
-            } = replicas
+            let at = || format!("epoch {}, step {}", epoch + 1, step + 1);
+            let StepOutput { mut grads, totals } = replicas
                 .gradients(&model, host, loss_scale)
-                .with_context(|| format!("epoch {}, step {}", epoch + 1, step + 1))?;
+                .with_context(at)?;
+            // The step's one wait for the device: the loss, the correct count and (when
+            // scaling) whether the gradients overflowed, in one transfer.
+            let overflow_check = match state.scaler {
+                Some(_) => unscale(&mut grads, &model, loss_scale),
+                None => None,
+            };
+            let values = read_joined([totals].into_iter().chain(overflow_check).collect())
+                .with_context(at)?;
+            let (loss_value, correct) = (values[0], values[1] as u64);
+            let gradients_finite = values.get(2).is_none_or(|sum| sum.is_finite());
             if !loss_value.is_finite() {
                 bar.abandon();
                 return Err(NonFiniteLoss {
@@ -414,10 +423,9 @@ pub fn train(
                 .into());
             }
             let apply = match &mut state.scaler {
-                Some(scaler) => {
-                    let finite = unscale(&mut grads, &model, loss_scale)?;
-                    scaler.update(finite).inspect_err(|_| bar.abandon())?
-                }
+                Some(scaler) => scaler
+                    .update(gradients_finite)
+                    .inspect_err(|_| bar.abandon())?,
                 None => true,
             };
             if apply {
@@ -438,7 +446,7 @@ pub fn train(
             let batch = options.batch_size as u64;
             state.step += 1;
             state.loss_sum += loss_value as f64 * batch as f64;
-            state.correct += correct as u64;
+            state.correct += correct;
             state.seen += batch;
             steps_this_process += 1;
             if first_step_seconds.is_none() {
@@ -642,9 +650,9 @@ pub fn evaluate(
             model.forward(images)
         };
         let loss = loss_fn.forward(logits.clone(), targets.clone());
-        let (l, c) = loss_and_correct(&loss, logits, targets)?;
-        loss_sum += l as f64 * n as f64;
-        correct += c as f64;
+        let values = read_joined(vec![loss_and_correct(&loss, logits, targets)])?;
+        loss_sum += values[0] as f64 * n as f64;
+        correct += values[1] as f64;
         seen += n;
         bar.inc(1);
         if let (Some(label), Some(log)) = (label, &mut log)
