@@ -15,12 +15,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp: PathBuf = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let mut file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(bytes)
+    let written = file
+        .write_all(bytes)
         .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
+        .with_context(|| format!("writing {}", tmp.display()));
     drop(file);
-    fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    let renamed = written.and_then(|()| {
+        fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    });
+    if renamed.is_err() {
+        // A full disk, say: leave the old file as it was and no partial copy beside it.
+        let _ = fs::remove_file(&tmp);
+    }
+    renamed?;
     if let Ok(dir) = File::open(dir) {
         let _ = dir.sync_all();
     }
@@ -84,5 +92,49 @@ impl<'a> Cursor<'a> {
     fn section(&mut self) -> Option<&'a [u8]> {
         let len = u64::from_le_bytes(self.take(8)?.try_into().ok()?);
         self.take(usize::try_from(len).ok()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("resnet-burn-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_file_is_replaced_whole() {
+        let dir = scratch("atomic-replace");
+        let path = dir.join("checkpoint.bin");
+        write_atomic(&path, b"old").unwrap();
+        write_atomic(&path, b"new contents").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new contents");
+        assert_eq!(entries(&dir), ["checkpoint.bin"]);
+    }
+
+    #[test]
+    fn a_failed_write_leaves_what_was_there_and_no_temporary_file() {
+        let dir = scratch("atomic-fail");
+        // The rename fails: the destination is a folder that holds a file.
+        let path = dir.join("checkpoint.bin");
+        fs::create_dir(&path).unwrap();
+        fs::write(path.join("kept"), b"kept").unwrap();
+        let error = write_atomic(&path, b"new").unwrap_err();
+        assert!(format!("{error:#}").contains("checkpoint.bin"), "{error:#}");
+        assert_eq!(entries(&dir), ["checkpoint.bin"]);
+        assert_eq!(fs::read(path.join("kept")).unwrap(), b"kept");
     }
 }
