@@ -1,13 +1,14 @@
 //! Support code of resnet-burn's examples, benchmarks and integration tests (not
-//! published): the CIFAR-10 training loop ([`train`]) and its data-parallel steps
-//! ([`parallel`]) with loss scaling for f16 convolutions ([`scaler`]), crash-safe files
-//! ([`checkpoint`]), the curves plot ([`plot`]) and the devices the benchmarks measure
-//! ([`mod@bench`]).
+//! published): the CIFAR-10 training loop ([`train`]), its data-parallel steps
+//! ([`parallel`]), loss scaling for f16 convolutions ([`scaler`]) and progress lines (a
+//! private module), crash-safe files ([`checkpoint`]), the curves plot ([`plot`]) and the
+//! devices the benchmarks measure ([`mod@bench`]).
 
 pub mod bench;
 pub mod checkpoint;
 pub mod parallel;
 pub mod plot;
+mod progress;
 pub mod scaler;
 pub mod train;
 
