@@ -119,32 +119,39 @@ impl DataParallel {
                 self.num_devices()
             );
         }
+        let loss_scale = (loss_scale != 1.0).then_some(loss_scale);
         if self.workers.is_empty() {
-            let scale = (loss_scale != 1.0).then_some(loss_scale);
-            return Ok(shard_step(model, batch, &self.main, &self.loss_fn, scale));
+            return Ok(shard_step(
+                model,
+                batch,
+                &self.main,
+                &self.loss_fn,
+                None,
+                loss_scale,
+            ));
         }
-        let shards = batch.split(self.num_devices());
-        let sizes: Vec<usize> = shards.iter().map(HostBatch::len).collect();
-        let mut shards = shards.into_iter();
+        let mut shards = batch.split(self.num_devices()).into_iter();
         let main_batch = shards.next().expect("one shard a device");
+        let share = |shard: &HostBatch| shard.len() as f32 / total as f32;
         for (worker, shard) in self.workers.iter().zip(shards) {
-            let weight = loss_scale * shard.len() as f32 / total as f32;
             worker
                 .jobs
                 .send(Job {
                     model: model.clone(),
+                    share: share(&shard),
                     batch: shard,
-                    weight,
+                    loss_scale,
                 })
                 .map_err(|_| worker.gone())?;
         }
-        let weight = loss_scale * sizes[0] as f32 / total as f32;
+        let main_share = share(&main_batch);
         let main = Ok(shard_step(
             model,
             main_batch,
             &self.main,
             &self.loss_fn,
-            Some(weight),
+            Some(main_share),
+            loss_scale,
         ));
 
         let mut accumulator = GradientsAccumulator::new();
@@ -156,15 +163,13 @@ impl DataParallel {
                 .map_err(|_| worker.gone())?
                 .map_err(|message| anyhow!("device {:?} failed: {message}", worker.device))
         });
-        for (shard, size) in std::iter::once(main).chain(others).zip(&sizes) {
+        for shard in std::iter::once(main).chain(others) {
             let shard = shard?;
             accumulator.accumulate(model, shard.grads);
-            // The shard's mean loss weighted by its share of the batch; its count as it is.
-            let share = Tensor::from_floats([*size as f32 / total as f32, 1.0], &self.main);
-            let weighted = shard.totals * share;
+            // Each shard's loss is already weighted by its share of the batch.
             totals = Some(match totals {
-                Some(sum) => sum + weighted,
-                None => weighted,
+                Some(sum) => sum + shard.totals,
+                None => shard.totals,
             });
         }
         Ok(StepOutput {
@@ -240,7 +245,8 @@ pub fn read_joined(parts: Vec<Tensor<1>>) -> Result<Vec<f32>> {
 struct Job {
     model: ResNet,
     batch: HostBatch,
-    weight: f32,
+    share: f32,
+    loss_scale: Option<f32>,
 }
 
 struct Worker {
@@ -267,7 +273,8 @@ impl Worker {
                             job.batch,
                             &worker_device,
                             &loss_fn,
-                            Some(job.weight),
+                            Some(job.share),
+                            job.loss_scale,
                         );
                         StepOutput {
                             grads: shard.grads.to_device(&main, &replica),
@@ -301,23 +308,29 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
-/// Forward and backward over one shard; the loss is multiplied by `weight` (the shard's
-/// share of the batch, times the loss scale) before the backward pass, when given.
+/// Forward and backward over one shard. The shard's mean loss is weighted by `share`, its
+/// share of the batch, when given: the reported totals hold the weighted loss, so that the
+/// shards' totals add up to the batch's. The loss is then multiplied by `loss_scale`, when
+/// given, for the backward pass only; a power of two, it changes no bit of the gradients
+/// beyond their exponent.
 fn shard_step(
     model: &ResNet,
     batch: HostBatch,
     device: &Device,
     loss_fn: &CrossEntropyLoss,
-    weight: Option<f32>,
+    share: Option<f32>,
+    loss_scale: Option<f32>,
 ) -> StepOutput {
     let Cifar10Batch { images, targets } = batch.to_device(device);
     let logits = model.forward(images);
-    let loss = loss_fn.forward(logits.clone(), targets.clone());
+    let mut loss = loss_fn.forward(logits.clone(), targets.clone());
+    if let Some(share) = share {
+        loss = loss.mul_scalar(share);
+    }
     let totals = loss_and_correct(&loss, logits, targets);
-    let loss = match weight {
-        Some(weight) => loss.mul_scalar(weight),
-        None => loss,
-    };
+    if let Some(scale) = loss_scale {
+        loss = loss.mul_scalar(scale);
+    }
     StepOutput {
         grads: GradientsParams::from_grads(loss.backward(), model),
         totals,
