@@ -233,9 +233,13 @@ pub fn loss_and_correct(loss: &Tensor<1>, logits: Tensor<2>, targets: Tensor<1, 
 
 /// Reads one-dimensional tensors of one device, joined, with one transfer (which waits for
 /// the device to compute them); fails when the device failed computing them (out of memory,
-/// for one).
+/// for one). A single tensor is read as it is: Burn's `cat` would copy it.
 pub fn read_joined(parts: Vec<Tensor<1>>) -> Result<Vec<f32>> {
-    Tensor::cat(parts, 0)
+    let joined = match <[Tensor<1>; 1]>::try_from(parts) {
+        Ok([one]) => one,
+        Err(parts) => Tensor::cat(parts, 0),
+    };
+    joined
         .try_into_data()
         .map_err(|error| anyhow!("the device failed computing the values read: {error}"))?
         .try_into_vec_as::<f32>()
