@@ -89,7 +89,9 @@ def main():
                 packed = pack(part)
                 assert unpack(packed) == part, f"{name}: the round trip changed bytes"
                 out = name + (f".part{k}of{args.split}" if args.split > 1 else "") + ".pk"
-                (dest / out).write_bytes(packed)
+                # Written whole or not at all: a file that is there is complete.
+                (dest / (out + ".tmp")).write_bytes(packed)
+                (dest / (out + ".tmp")).replace(dest / out)
                 print(f"{out}: {len(part)} -> {len(packed)} bytes", flush=True)
         return
     sums = {}
