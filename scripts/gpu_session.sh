@@ -41,25 +41,91 @@
 # or out of time) its known one ($KNOWN) stands, where it fails (a crash, an error) it is out. CHOICE=BACKEND:CONV:PRECISION makes stage 2 train with that
 # one regardless of the probes.
 #
-# The plan that fits 15 minutes, each call made as soon as the last returns (timeout_s: what
-# the call may take; stage 2 keeps inside 600 s by itself):
+# The plan that fits 15 minutes, after `bash scripts/gpu_session.sh prepare` here (below), each
+# call made as soon as the last returns (timeout_s: what the call may take; stage 2 keeps inside
+# 600 s by itself):
 #   1. bash scripts/gpu_session.sh 1                    carry .gl .device/call1 [.device/cache]   120
 #   2. bash scripts/gpu_session.sh unpack .device/call2 carry .device/call2                        120
 #   3. LEASE_SECONDS=<budget_left_s> EVAL_EVERY=2 bash scripts/gpu_session.sh 2  carry .device/call3  600
 #   4. bash scripts/gpu_session.sh torch                                                     240
 # then give_back. Put the cache-*.tar.xz of call 4 into .device/cache for the next lease.
 #
-# Building what stage 1 carries (here, x86-64 like the GPU machine): two builds of the example,
-# because with the `vulkan` feature CubeCL compiles SPIR-V for every Vulkan adapter, `--backend
-# wgpu` included, and that path is unproven (it crashes inside lavapipe, Mesa 22.3.6, here):
-#   cargo build --release --example cifar10 --features vulkan   -> cifar10-vulkan.stripped
-#   cargo build --release --example cifar10 && cargo bench --bench resnet --no-run
-#                                                  -> cifar10.stripped, resnet-bench.stripped
-#   strip, then: tar cf - *.stripped |
-#     xz --x86 --lzma2=preset=9e,dict=192MiB > .device/call1/bin/bins.tar.xz
-#   python3 scripts/cifar10_pack.py pack ../shared/data/cifar-10-batches-bin DIR [--split 2]
+# What the calls carry is made here (x86-64 like the GPU machine), before the lease, by
+#   bash scripts/gpu_session.sh prepare
+# which keeps what is already there and up to date: .gl (the Vulkan and GL loaders the GPU
+# machine lacks, Debian's amd64 packages), CIFAR-10 packed by scripts/cifar10_pack.py into
+# .device/call1-3 (from CIFAR10_DIR, default ../shared/data/cifar-10-batches-bin), and the
+# binaries built from HEAD (.device/BUILT_FROM) into .device/call1/bin/bins.tar.xz: two builds
+# of the example, because with the `vulkan` feature CubeCL compiles SPIR-V for every Vulkan
+# adapter, `--backend wgpu` included, and that path is unproven (it crashes inside lavapipe,
+# Mesa 22.3.6, here), and the criterion benches; stripped and xz-compressed (~35 MB, 5 min).
+# A fresh machine builds Burn first: about 40 minutes in all on 2 cores.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh 1 | probes | unpack DIR | 2 [DIR] | torch}
+stage=${1:?usage: gpu_session.sh prepare | 1 | probes | unpack DIR | 2 [DIR] | torch}
+
+if [ "$stage" = prepare ]; then
+    # Each call carries at most 64 MiB; call 1 also carries .gl and .device/cache.
+    limit=$((64 * 1024 * 1024))
+    data=${CIFAR10_DIR:-../shared/data/cifar-10-batches-bin}
+    sums=${CIFAR10_SUMS:-$(dirname "$data")/CIFAR10-SHA256SUMS}
+    [ -f "$sums" ] || { echo "no $sums: set CIFAR10_SUMS to CIFAR-10's SHA-256 sums"; exit 1; }
+    if ! compgen -G ".gl/*.deb" > /dev/null; then
+        mkdir -p .gl /tmp/amd64/partial
+        o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
+        apt-get $o update -qq && (cd .gl && apt-get $o download libvulkan1 libegl1 libglvnd0 \
+            libopengl0 libgl1 libglx0 libgles2) || { echo "could not download the loaders into .gl"; exit 1; }
+    fi
+    python3 -c "import numpy" 2> /dev/null || { echo "scripts/cifar10_pack.py needs numpy: pip install numpy"; exit 1; }
+    # Batch 1 travels with the binaries, 2-4 in call 2, 5 and the test batch in call 3.
+    for call in 1:data_batch_1 2:data_batch_2,data_batch_3,data_batch_4 3:data_batch_5,test_batch; do
+        dir=.device/call${call%%:*}
+        IFS=, read -ra names <<< "${call#*:}"
+        missing=()
+        for f in "${names[@]}"; do [ -f "$dir/pk/$f.bin.pk" ] || missing+=("$f.bin"); done
+        if [ ${#missing[@]} -gt 0 ]; then
+            python3 scripts/cifar10_pack.py pack "$data" "$dir/pk" --files "$(IFS=,; echo "${missing[*]}")" || exit 1
+        fi
+    done
+    install -m 644 "$sums" .device/call1/CIFAR10-SHA256SUMS
+    head=$(git rev-parse HEAD)
+    git diff --quiet HEAD -- . ':!.device' || echo "warning: the working tree differs from HEAD; the binaries are built from the working tree"
+    if [ "$(cat .device/BUILT_FROM 2>/dev/null)" != "$head" ] || [ ! -f .device/call1/bin/bins.tar.xz ]; then
+        rm -rf .device/build && mkdir -p .device/build .device/call1/bin
+        # The executable a cargo command builds (from its JSON messages), copied and stripped
+        # at once, before the next build can link over it.
+        build() {
+            local name=$1 out=$2; shift 2
+            cargo "$@" --message-format=json-render-diagnostics |
+                python3 -c 'import json, sys
+exe = [m["executable"] for m in map(json.loads, sys.stdin)
+       if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]]
+print(exe[-1] if exe else "")' "$name" > .device/build/exe || return 1
+            [ -s .device/build/exe ] || { echo "cargo $* built no $name"; return 1; }
+            strip -o ".device/build/$out" "$(cat .device/build/exe)"
+            echo "$out: $(stat -c %s ".device/build/$out") bytes, from $(cat .device/build/exe)"
+        }
+        build cifar10 cifar10-vulkan.stripped build --release --example cifar10 --features vulkan &&
+            build cifar10 cifar10.stripped build --release --example cifar10 &&
+            build resnet resnet-bench.stripped bench --bench resnet --no-run || exit 1
+        # Two builds of one example: the feature must have made them differ.
+        cmp -s .device/build/cifar10-vulkan.stripped .device/build/cifar10.stripped &&
+            { echo "the vulkan and default builds of the example are the same file"; exit 1; }
+        (cd .device/build && tar cf - cifar10-vulkan.stripped cifar10.stripped resnet-bench.stripped) |
+            xz --x86 --lzma2=preset=9e,dict=192MiB > .device/call1/bin/bins.tar.xz.part || exit 1
+        mv .device/call1/bin/bins.tar.xz.part .device/call1/bin/bins.tar.xz
+        echo "$head" > .device/BUILT_FROM
+        rm -rf .device/build
+    fi
+    for call in 1 2 3; do
+        paths=.device/call$call
+        [ $call = 1 ] && paths="$paths .gl $(ls -d .device/cache 2>/dev/null)"
+        bytes=$(du -cb $paths | tail -1 | cut -f1)
+        echo "call $call carries $paths: $bytes bytes"
+        [ "$bytes" -lt "$limit" ] || { echo "call $call is over 64 MiB"; exit 1; }
+    done
+    echo "ready: binaries from $(cat .device/BUILT_FROM)"
+    exit 0
+fi
 OUT=${OUT:-/tmp/gpu-out}
 WORK=${WORK:-/root/gpu}
 BATCH=${BATCH:-256}
