@@ -60,7 +60,7 @@
 # adapter, `--backend wgpu` included, and that path is unproven (it crashes inside lavapipe,
 # Mesa 22.3.6, here), and the criterion benches; stripped and xz-compressed (~35 MB, 5 min).
 # Measured on a fresh 2-core machine whose target folder held only the tests' release build
-# (CI's cache): 39 min, 31 of them for the vulkan build, 7.6 for the rest (xz 5 of those).
+# (CI's cache): 39 min, 31 of them for the vulkan build, 7.6 for the rest, nearly all xz.
 set -uo pipefail
 stage=${1:?usage: gpu_session.sh prepare | 1 | probes | unpack DIR | 2 [DIR] | torch}
 
