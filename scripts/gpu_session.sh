@@ -89,8 +89,14 @@ if [ "$stage" = prepare ]; then
     done
     install -m 644 "$sums" .device/call1/CIFAR10-SHA256SUMS
     head=$(git rev-parse HEAD)
-    git diff --quiet HEAD -- . ':!.device' || echo "warning: the working tree differs from HEAD; the binaries are built from the working tree"
-    if [ "$(cat .device/BUILT_FROM 2>/dev/null)" != "$head" ] || [ ! -f .device/call1/bin/bins.tar.xz ]; then
+    # The binaries are named by the commit they are built from: its sources, uncommitted
+    # changes none. They are built again where HEAD's sources differ from that commit's (not
+    # for a change of scripts or docs).
+    sources="Cargo.toml Cargo.lock crates src examples benches"
+    git diff --quiet HEAD -- $sources || { echo "commit the changes to $sources first"; exit 1; }
+    built=$(cat .device/BUILT_FROM 2>/dev/null)
+    if [ ! -f .device/call1/bin/bins.tar.xz ] || [ -z "$built" ] ||
+        ! git diff --quiet "$built" HEAD -- $sources 2> /dev/null; then
         rm -rf .device/build && mkdir -p .device/build .device/call1/bin
         # The executable a cargo command builds (from its JSON messages), copied and stripped
         # at once, before the next build can link over it.
@@ -124,7 +130,7 @@ print(exe[-1] if exe else "")' "$name" > .device/build/exe || return 1
         echo "call $call carries $paths: $bytes bytes"
         [ "$bytes" -lt "$limit" ] || { echo "call $call is over 64 MiB"; exit 1; }
     done
-    echo "ready: binaries from $(cat .device/BUILT_FROM)"
+    echo "ready: binaries built from $(cat .device/BUILT_FROM), whose sources HEAD ($head) has"
     exit 0
 fi
 OUT=${OUT:-/tmp/gpu-out}
