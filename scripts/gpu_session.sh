@@ -65,7 +65,8 @@ set -uo pipefail
 stage=${1:?usage: gpu_session.sh prepare | 1 | probes | unpack DIR | 2 [DIR] | torch}
 
 if [ "$stage" = prepare ]; then
-    # Each call carries at most 64 MiB; call 1 also carries .gl and .device/cache.
+    # Each call carries at most 64 MiB with the working tree (git's files, ignored ones aside);
+    # call 1 also carries .gl and .device/cache.
     limit=$((64 * 1024 * 1024))
     data=${CIFAR10_DIR:-../shared/data/cifar-10-batches-bin}
     sums=${CIFAR10_SUMS:-$(dirname "$data")/CIFAR10-SHA256SUMS}
@@ -108,7 +109,7 @@ exe = [m["executable"] for m in map(json.loads, sys.stdin)
        if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]]
 print(exe[-1] if exe else "")' "$name" > .device/build/exe || return 1
             [ -s .device/build/exe ] || { echo "cargo $* built no $name"; return 1; }
-            strip -o ".device/build/$out" "$(cat .device/build/exe)"
+            strip -o ".device/build/$out" "$(cat .device/build/exe)" || return 1
             echo "$out: $(stat -c %s ".device/build/$out") bytes, from $(cat .device/build/exe)"
         }
         build cifar10 cifar10-vulkan.stripped build --release --example cifar10 --features vulkan &&
@@ -123,11 +124,12 @@ print(exe[-1] if exe else "")' "$name" > .device/build/exe || return 1
         echo "$head" > .device/BUILT_FROM
         rm -rf .device/build
     fi
+    tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 du -cb | tail -1 | cut -f1)
     for call in 1 2 3; do
         paths=.device/call$call
         [ $call = 1 ] && paths="$paths .gl $(ls -d .device/cache 2>/dev/null)"
-        bytes=$(du -cb $paths | tail -1 | cut -f1)
-        echo "call $call carries $paths: $bytes bytes"
+        bytes=$(($(du -cb $paths | tail -1 | cut -f1) + tree))
+        echo "call $call carries $paths and the working tree: $bytes bytes"
         [ "$bytes" -lt "$limit" ] || { echo "call $call is over 64 MiB"; exit 1; }
     done
     echo "ready: binaries built from $(cat .device/BUILT_FROM), whose sources HEAD ($head) has"
