@@ -48,7 +48,8 @@
 #   2. bash scripts/gpu_session.sh unpack .device/call2 carry .device/call2                        120
 #   3. LEASE_SECONDS=<budget_left_s> EVAL_EVERY=2 bash scripts/gpu_session.sh 2  carry .device/call3  600
 #   4. bash scripts/gpu_session.sh torch                                                     240
-# then give_back. Put the cache-*.tar.xz of call 4 into .device/cache for the next lease.
+# then give_back. Put the cache-*.tar.xz of call 4 into .device/cache for the next lease (an
+# ignored folder: it lasts as long as this checkout, and a fresh machine starts without it).
 #
 # What the calls carry is made here (x86-64 like the GPU machine), before the lease, by
 #   bash scripts/gpu_session.sh prepare
