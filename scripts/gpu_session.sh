@@ -70,6 +70,7 @@ if [ "$stage" = prepare ]; then
     # call 1 also carries .gl and .device/cache.
     limit=$((64 * 1024 * 1024))
     data=${CIFAR10_DIR:-../shared/data/cifar-10-batches-bin}
+    [ -d "$data" ] || { echo "no $data: set CIFAR10_DIR to CIFAR-10's cifar-10-batches-bin folder"; exit 1; }
     sums=${CIFAR10_SUMS:-$(dirname "$data")/CIFAR10-SHA256SUMS}
     [ -f "$sums" ] || { echo "no $sums: set CIFAR10_SUMS to CIFAR-10's SHA-256 sums"; exit 1; }
     if ! compgen -G ".gl/*.deb" > /dev/null; then
@@ -125,7 +126,7 @@ print(exe[-1] if exe else "")' "$name" > .device/build/exe || return 1
         echo "$head" > .device/BUILT_FROM
         rm -rf .device/build
     fi
-    tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 du -cb | tail -1 | cut -f1)
+    tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | du -cb --files0-from=- | tail -1 | cut -f1)
     for call in 1 2 3; do
         paths=.device/call$call
         [ $call = 1 ] && paths="$paths .gl $(ls -d .device/cache 2>/dev/null)"
