@@ -329,10 +329,9 @@ fn conv_im2col_within(
 mod tests {
     use super::*;
     use crate::testing::{devices, relative_difference, seeded_normal};
-    use burn::module::Param;
     use burn::nn::PaddingConfig2d;
     use burn::nn::conv::Conv2dConfig;
-    use burn::tensor::{Device, Distribution};
+    use burn::tensor::Distribution;
 
     /// The output and both gradients against Burn's `Conv2d` and its backward, for every
     /// geometry ResNet uses and a non-square one, on every device.
@@ -439,6 +438,9 @@ mod tests {
     #[cfg(feature = "wgpu")]
     #[test]
     fn f16_convolutions_match_f32_to_f16_rounding() {
+        use burn::module::Param;
+        use burn::tensor::Device;
+
         let gpus: Vec<Device> = devices()
             .into_iter()
             .filter_map(|(device, gpu)| gpu.then(|| device.autodiff()))
