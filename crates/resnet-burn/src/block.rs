@@ -18,8 +18,17 @@ pub(crate) fn conv_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, relu: bool) -
     if let Some(out) = crate::cpu::fused(conv, bn, &x, relu, None) {
         return out;
     }
-    let out = bn.forward(conv2d(conv, x));
+    let out = norm(bn, conv2d(conv, x));
     if relu { activation::relu(out) } else { out }
+}
+
+/// `bn.forward(x)`; in training on the CPU backends through [`crate::cpu`].
+fn norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    #[cfg(any(feature = "flex", feature = "ndarray"))]
+    if let Some(out) = crate::cpu::batch_norm_train(bn, &x) {
+        return out;
+    }
+    bn.forward(x)
 }
 
 /// `conv.forward(x)` as [`crate::ResNet`] computes it on `x`'s device: on the CPU backends
@@ -64,7 +73,7 @@ pub(crate) fn conv_bn_add_relu(
     if let Some(out) = crate::cpu::fused(conv, bn, &x, true, Some(&residual)) {
         return out;
     }
-    activation::relu(bn.forward(conv2d(conv, x)) + residual)
+    activation::relu(norm(bn, conv2d(conv, x)) + residual)
 }
 
 /// A bias-free convolution initialized as torchvision initializes ResNet convolutions:

@@ -6,7 +6,9 @@
 //!   [`Im2col::backward`] instead of Burn's generic transposed-convolution backward;
 //! - [`CpuInference`], inference only: the convolution followed by an [`Affine`] map
 //!   (BatchNorm with running statistics), the residual and ReLU, applied to each image's
-//!   output right after its product; and max pooling.
+//!   output right after its product; and max pooling;
+//! - [`HostBatchNorm`], BatchNorm in training ([`Planes`]), on `Autodiff` with its own
+//!   backward step instead of Burn's generic one.
 
 // Burn 0.22 deprecates ndarray in favour of flex; this crate still supports it.
 #![allow(deprecated)]
@@ -25,11 +27,12 @@ use burn::backend::flex::FlexTensor;
 #[cfg(feature = "ndarray")]
 use burn::backend::ndarray::NdArrayTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Backend, TensorMetadata, backend_extension};
+use burn::backend::{AutodiffBackend, Backend, TensorMetadata, backend_extension};
 use burn::tensor::TensorData;
 
 use super::Affine;
 use super::im2col::Im2col;
+use super::norm::{NormGradients, Normalized, Planes};
 use super::pool::MaxPool;
 
 /// A bias-free, ungrouped, undilated 2-d convolution with symmetric padding.
@@ -80,13 +83,30 @@ pub trait CpuInference: Backend {
     ) -> FloatTensor<Self>;
 }
 
+/// BatchNorm with the batch's statistics, in training: the output, and each channel's mean
+/// and biased variance, as Burn's `batch_norm_train` returns them. `x` is `[batch, channels,
+/// height, width]` with at least one value ([`Planes::new`]), all f32.
+#[backend_extension(
+    Flex: cfg(feature = "flex"),
+    NdArray: cfg(feature = "ndarray"),
+    Autodiff
+)]
+pub trait HostBatchNorm: Backend {
+    fn batch_norm_train_planes(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
 /// A CPU backend whose f32 tensors the host kernels can read and make.
 pub trait HostTensors: Backend {
     /// The values of `t` (f32), row-major.
     fn host(t: FloatTensor<Self>) -> Host;
 
     /// A tensor of `values`, row-major, with `shape`.
-    fn from_host(values: Vec<f32>, shape: [usize; 4]) -> FloatTensor<Self>;
+    fn from_host(values: Vec<f32>, shape: &[usize]) -> FloatTensor<Self>;
 }
 
 /// The f32 values of a tensor on the host: flex's storage itself, or a copy.
@@ -127,8 +147,8 @@ impl HostTensors for Flex {
         })
     }
 
-    fn from_host(values: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
-        FlexTensor::from_data(TensorData::new(values, shape))
+    fn from_host(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
+        FlexTensor::from_data(TensorData::new(values, shape.to_vec()))
     }
 }
 
@@ -146,8 +166,8 @@ impl HostTensors for NdArray {
         Host::Data(data.expect("reading an ndarray tensor on the host"))
     }
 
-    fn from_host(values: Vec<f32>, shape: [usize; 4]) -> NdArrayTensor {
-        NdArrayTensor::from_data(TensorData::new(values, shape))
+    fn from_host(values: Vec<f32>, shape: &[usize]) -> NdArrayTensor {
+        NdArrayTensor::from_data(TensorData::new(values, shape.to_vec()))
     }
 }
 
@@ -171,7 +191,7 @@ fn conv<B: HostTensors>(
     let geometry = geometry::<B>(&x, &weight, stride, padding);
     let (x, weight) = (B::host(x), B::host(weight));
     let out = geometry.forward(x.values(), weight.values(), |_, _| {});
-    B::from_host(out, geometry.out_shape())
+    B::from_host(out, &geometry.out_shape())
 }
 
 fn conv_affine<B: HostTensors>(
@@ -192,7 +212,7 @@ fn conv_affine<B: HostTensors>(
         let residual = residual.map(|r| &r[i * out_image..(i + 1) * out_image]);
         affine.apply(out, residual, pixels);
     });
-    B::from_host(out, geometry.out_shape())
+    B::from_host(out, &geometry.out_shape())
 }
 
 fn max_pool<B: HostTensors>(
@@ -204,7 +224,34 @@ fn max_pool<B: HostTensors>(
     let input = x.shape().dims::<4>();
     let pool = MaxPool::new(input, kernel, stride, padding)
         .expect("the caller checked the pooling's geometry");
-    B::from_host(pool.forward(B::host(x).values()), pool.out_shape(input[0]))
+    B::from_host(pool.forward(B::host(x).values()), &pool.out_shape(input[0]))
+}
+
+fn planes<B: Backend>(x: &FloatTensor<B>) -> ([usize; 4], Planes) {
+    let shape = x.shape().dims();
+    let planes = Planes::new(shape).expect("the caller checked that the input has values");
+    (shape, planes)
+}
+
+fn batch_norm_train<B: HostTensors>(
+    x: FloatTensor<B>,
+    gamma: FloatTensor<B>,
+    beta: FloatTensor<B>,
+    epsilon: f64,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let (shape, planes) = planes::<B>(&x);
+    let (x, gamma, beta) = (B::host(x), B::host(gamma), B::host(beta));
+    let Normalized {
+        output,
+        mean,
+        variance,
+    } = planes.forward(x.values(), gamma.values(), beta.values(), epsilon);
+    let channels = [mean.len()];
+    (
+        B::from_host(output, &shape),
+        B::from_host(mean, &channels),
+        B::from_host(variance, &channels),
+    )
 }
 
 /// The extensions on one CPU backend, through the generic functions above.
@@ -252,6 +299,17 @@ macro_rules! on_host {
                 max_pool::<Self>(x, kernel, stride, padding)
             }
         }
+
+        impl HostBatchNorm for $backend {
+            fn batch_norm_train_planes(
+                x: FloatTensor<Self>,
+                gamma: FloatTensor<Self>,
+                beta: FloatTensor<Self>,
+                epsilon: f64,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+                batch_norm_train::<Self>(x, gamma, beta, epsilon)
+            }
+        }
     };
 }
 
@@ -294,10 +352,10 @@ impl<B: HostTensors> Backward<B, 2> for Im2colConvBackward {
             weight_node.is_some(),
         );
         if let (Some(node), Some(x_grad)) = (x_node, x_grad) {
-            grads.register::<B>(node.id, B::from_host(x_grad, geometry.in_shape()));
+            grads.register::<B>(node.id, B::from_host(x_grad, &geometry.in_shape()));
         }
         if let (Some(node), Some(weight_grad)) = (weight_node, weight_grad) {
-            grads.register::<B>(node.id, B::from_host(weight_grad, geometry.weight_shape()));
+            grads.register::<B>(node.id, B::from_host(weight_grad, &geometry.weight_shape()));
         }
     }
 }
@@ -327,6 +385,95 @@ impl<B: HostTensors + Im2colConv, C: CheckpointStrategy> Im2colConv for Autodiff
                 prep.finish(saved, out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::im2col_conv2d(x, weight, stride, padding)),
+        }
+    }
+}
+
+/// What BatchNorm's backward step keeps of the forward (shared, not copied).
+#[derive(Clone, Debug)]
+struct SavedNorm<B: Backend> {
+    x: FloatTensor<B>,
+    gamma: FloatTensor<B>,
+    mean: FloatTensor<B>,
+    variance: FloatTensor<B>,
+    epsilon: f64,
+}
+
+#[derive(Debug)]
+struct BatchNormBackward;
+
+impl<B: HostTensors> Backward<B, 3> for BatchNormBackward {
+    type State = SavedNorm<B>;
+
+    fn backward(self, ops: Ops<SavedNorm<B>, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [x_node, gamma_node, beta_node] = ops.parents;
+        let grad = B::host(grads.consume::<B>(&ops.node));
+        let SavedNorm {
+            x,
+            gamma,
+            mean,
+            variance,
+            epsilon,
+        } = ops.state;
+        let (shape, planes) = planes::<B>(&x);
+        let [x, gamma, mean, variance] = [x, gamma, mean, variance].map(B::host);
+        let NormGradients {
+            x: x_grad,
+            gamma: gamma_grad,
+            beta: beta_grad,
+        } = planes.backward(
+            x.values(),
+            gamma.values(),
+            mean.values(),
+            variance.values(),
+            epsilon,
+            grad.values(),
+        );
+        let channels = [gamma_grad.len()];
+        if let Some(node) = x_node {
+            grads.register::<B>(node.id, B::from_host(x_grad, &shape));
+        }
+        if let Some(node) = gamma_node {
+            grads.register::<B>(node.id, B::from_host(gamma_grad, &channels));
+        }
+        if let Some(node) = beta_node {
+            grads.register::<B>(node.id, B::from_host(beta_grad, &channels));
+        }
+    }
+}
+
+impl<B: HostTensors + HostBatchNorm, C: CheckpointStrategy> HostBatchNorm for Autodiff<B, C> {
+    fn batch_norm_train_planes(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let nodes = [x.node(), gamma.node(), beta.node()];
+        let [x, gamma, beta] = [x, gamma, beta].map(|t| t.into_primitive());
+        // The statistics are outputs without gradients, as in Burn's `batch_norm_train`.
+        let constant = <Self as AutodiffBackend>::from_inner;
+        match BatchNormBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (out, mean, variance) =
+                    B::batch_norm_train_planes(x.clone(), gamma.clone(), beta, epsilon);
+                let saved = SavedNorm {
+                    x,
+                    gamma,
+                    mean: mean.clone(),
+                    variance: variance.clone(),
+                    epsilon,
+                };
+                (prep.finish(saved, out), constant(mean), constant(variance))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (out, mean, variance) = B::batch_norm_train_planes(x, gamma, beta, epsilon);
+                (prep.finish(out), constant(mean), constant(variance))
+            }
         }
     }
 }

@@ -13,17 +13,22 @@
 //! - In inference ([`fused`]), BatchNorm (running statistics), the residual and ReLU are
 //!   applied to each output channel while the output is in cache.
 //! - In training ([`conv`]), the convolution is a backend extension ([`conv::Im2colConv`])
-//!   with its own backward step; BatchNorm and ReLU stay Burn's.
+//!   with its own backward step, and so is BatchNorm ([`batch_norm_train`], through
+//!   [`norm`]: Burn's generic one copies and re-reads each activation about ten times); ReLU
+//!   stays Burn's.
 //!
-//! It applies to ungrouped, undilated, bias-free f32 convolutions on `Device::flex()` and
-//! `Device::ndarray()` (with or without autodiff); everything else (other backends,
-//! ResNeXt's grouped and dilated convolutions) goes through Burn's `Conv2d` and `BatchNorm`.
+//! The convolutions apply to ungrouped, undilated, bias-free f32 convolutions on
+//! `Device::flex()` and `Device::ndarray()` (with or without autodiff), BatchNorm in training
+//! to every f32 input there; everything else (other backends, ResNeXt's grouped and dilated
+//! convolutions) goes through Burn's `Conv2d` and `BatchNorm`.
 
 mod conv;
 mod im2col;
+mod norm;
 mod pool;
 
 use burn::backend::Dispatch;
+use burn::module::RunningState;
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;
@@ -31,8 +36,9 @@ use burn::tensor::{DType, Device, Tensor};
 
 use crate::geometry::symmetric_padding;
 
-use conv::{CpuInference, Im2colConv};
+use conv::{CpuInference, HostBatchNorm, Im2colConv};
 use im2col::Im2col;
+use norm::Planes;
 use pool::MaxPool;
 
 /// Whether `device` is one of the CPU backends with the host kernels (with or without
@@ -107,6 +113,44 @@ pub(crate) fn fused(
             affine,
         ),
     }))
+}
+
+/// `bn(x)` in training on a CPU backend, through [`HostBatchNorm`], with the running
+/// statistics updated as Burn's `BatchNorm::forward` updates them; `None` where it does not
+/// apply: in inference, on other backends, for a frozen BatchNorm (which Burn's module runs
+/// with its running statistics), for other dtypes than f32 and for inputs without values.
+pub(crate) fn batch_norm_train(bn: &BatchNorm, x: &Tensor<4>) -> Option<Tensor<4>> {
+    let device = x.device();
+    // Burn's rule for the training path: an autodiff device and a layer not frozen.
+    let training = device.is_autodiff() && bn.training.is_enabled();
+    let (gamma, beta) = (bn.gamma.val(), bn.beta.val());
+    let applies = training
+        && on_host(&device)
+        && [x.dtype(), gamma.dtype(), beta.dtype()] == [DType::F32; 3]
+        && x.dims()[1] == gamma.dims()[0]
+        && Planes::new(x.dims()).is_some();
+    if !applies {
+        return None;
+    }
+    let (out, mean, variance) = <Dispatch as HostBatchNorm>::batch_norm_train_planes(
+        x.clone().into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        bn.epsilon,
+    );
+    // As Burn's `BatchNorm::forward_train`: running = (1 - momentum) running + momentum batch.
+    let update = |running: &RunningState<Tensor<1>>, batch| {
+        let batch = Tensor::<1>::from_dispatch(batch).detach();
+        let value = running
+            .value_sync()
+            .to_device(&device)
+            .mul_scalar(1.0 - bn.momentum)
+            .add(batch.mul_scalar(bn.momentum));
+        running.update(value.detach());
+    };
+    update(&bn.running_mean, mean);
+    update(&bn.running_var, variance);
+    Some(Tensor::from_dispatch(out))
 }
 
 /// `pool(x)` in inference on a CPU backend through [`MaxPool`] where it applies (f32, no
@@ -331,6 +375,76 @@ mod tests {
                     // The input is read in place, never written.
                     x.to_data().assert_eq(&original, true);
                 }
+            }
+        }
+    }
+
+    /// In training, BatchNorm's output, the gradients of its input, gamma and beta, and the
+    /// running statistics after the step, against Burn's module and its autodiff backward.
+    #[test]
+    fn training_batch_norm_matches_burns() {
+        for device in host_devices() {
+            let plain = device.clone();
+            let device = device.autodiff();
+            // batch, channels, side: lanes and a remainder, one pixel, a single image.
+            for (batch, channels, side) in [(4, 8, 9), (2, 16, 4), (3, 5, 1), (1, 3, 7)] {
+                let what = format!("batch {batch} channels {channels} side {side}");
+                let reference = batch_norm(channels, &device);
+                // A second module with the same values (a clone would share the running
+                // statistics).
+                let mut ours = BatchNormConfig::new(channels).init(&device);
+                ours.gamma = Param::from_tensor(reference.gamma.val().detach());
+                ours.beta = Param::from_tensor(reference.beta.val().detach());
+                ours.running_mean = RunningState::new(reference.running_mean.value());
+                ours.running_var = RunningState::new(reference.running_var.value());
+                let x = Tensor::<4>::random(
+                    [batch, channels, side, side],
+                    Distribution::Normal(1.0, 2.0),
+                    &device,
+                );
+                let x_ours = x.clone().detach().require_grad();
+                let x_reference = x.detach().require_grad();
+                let Some(out_ours) = batch_norm_train(&ours, &x_ours) else {
+                    panic!("{what}: the host BatchNorm does not apply");
+                };
+                let out_reference = reference.forward(x_reference.clone());
+                let weights =
+                    Tensor::<4>::random(out_reference.dims(), Distribution::Default, &device);
+                let grads_ours = (out_ours.clone() * weights.clone()).sum().backward();
+                let grads_reference = (out_reference.clone() * weights).sum().backward();
+
+                let close = |part: &str| {
+                    let what = format!("{what}: {part}");
+                    move |difference: f32| assert!(difference < 1e-5, "{what} {difference}")
+                };
+                close("output")(relative_difference(out_ours, out_reference));
+                let x_grad = |x: &Tensor<4>, grads| x.grad(grads).expect("the input's gradient");
+                close("input gradient")(relative_difference(
+                    x_grad(&x_ours, &grads_ours),
+                    x_grad(&x_reference, &grads_reference),
+                ));
+                let grad = |param: &Param<Tensor<1>>, grads| param.grad(grads).expect("gradient");
+                for (part, ours, reference) in [
+                    ("gamma gradient", &ours.gamma, &reference.gamma),
+                    ("beta gradient", &ours.beta, &reference.beta),
+                ] {
+                    close(part)(relative_difference(
+                        grad(ours, &grads_ours),
+                        grad(reference, &grads_reference),
+                    ));
+                }
+                close("running mean")(relative_difference(
+                    ours.running_mean.value_sync(),
+                    reference.running_mean.value_sync(),
+                ));
+                close("running variance")(relative_difference(
+                    ours.running_var.value_sync(),
+                    reference.running_var.value_sync(),
+                ));
+                // In inference Burn's module runs, with the running statistics.
+                let inference = batch_norm(channels, &plain);
+                let x = Tensor::<4>::zeros([batch, channels, side, side], &plain);
+                assert!(batch_norm_train(&inference, &x).is_none(), "{what}");
             }
         }
     }
