@@ -1,14 +1,13 @@
 //! The host kernels as Burn backend extensions, which give them Burn's tensors: on flex they
 //! read the storage in place, on ndarray they read a copy.
 //!
-//! - [`Im2colConv`], the convolution alone: on a CPU backend it is [`Im2col::forward`], and
-//!   on `Autodiff` over it, it records a backward step that computes both gradients with
-//!   [`Im2col::backward`] instead of Burn's generic transposed-convolution backward;
+//! - [`CpuTraining`]: the convolution alone ([`Im2col::forward`]) and BatchNorm with the
+//!   batch's statistics ([`Planes::forward`]); on `Autodiff` over a CPU backend each records
+//!   its own backward step ([`Im2col::backward`], [`Planes::backward`]) instead of Burn's
+//!   generic ones (a transposed convolution; BatchNorm's elementwise passes);
 //! - [`CpuInference`], inference only: the convolution followed by an [`Affine`] map
 //!   (BatchNorm with running statistics), the residual and ReLU, applied to each image's
-//!   output right after its product; and max pooling;
-//! - [`HostBatchNorm`], BatchNorm in training ([`Planes`]), on `Autodiff` with its own
-//!   backward step instead of Burn's generic one.
+//!   output right after its product; and max pooling.
 
 // Burn 0.22 deprecates ndarray in favour of flex; this crate still supports it.
 #![allow(deprecated)]
@@ -35,26 +34,37 @@ use super::im2col::Im2col;
 use super::norm::{NormGradients, Normalized, Planes};
 use super::pool::MaxPool;
 
-/// A bias-free, ungrouped, undilated 2-d convolution with symmetric padding.
+/// Training, with gradients on `Autodiff`:
 ///
-/// Callers check the geometry with [`Im2col::new`] and the dtype (f32) first: the
-/// implementations treat anything else as a bug.
+/// - `im2col_conv2d`: a bias-free, ungrouped, undilated 2-d convolution with symmetric
+///   padding. Callers check the geometry with [`Im2col::new`] and the dtype (f32) first: the
+///   implementations treat anything else as a bug.
+/// - `batch_norm_train_planes`: BatchNorm with the batch's statistics; the output, and each
+///   channel's mean and biased variance, as Burn's `batch_norm_train` returns them. `x` is
+///   `[batch, channels, height, width]` with at least one value ([`Planes::new`]), all f32.
 #[backend_extension(
     Flex: cfg(feature = "flex"),
     NdArray: cfg(feature = "ndarray"),
     Autodiff
 )]
-pub trait Im2colConv: Backend {
+pub trait CpuTraining: Backend {
     fn im2col_conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [usize; 2],
     ) -> FloatTensor<Self>;
+
+    fn batch_norm_train_planes(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// Inference: `relu?(affine(conv(x)))`, `relu(affine(conv(x)) + residual)` (the residual has
-/// the output's shape), where [`Im2colConv`]'s rules apply; and max pooling, where
+/// the output's shape), where [`CpuTraining`]'s rules for the convolution apply; and max pooling, where
 /// [`MaxPool::new`] accepts the geometry.
 #[backend_extension(Flex: cfg(feature = "flex"), NdArray: cfg(feature = "ndarray"))]
 pub trait CpuInference: Backend {
@@ -81,23 +91,6 @@ pub trait CpuInference: Backend {
         stride: [usize; 2],
         padding: [usize; 2],
     ) -> FloatTensor<Self>;
-}
-
-/// BatchNorm with the batch's statistics, in training: the output, and each channel's mean
-/// and biased variance, as Burn's `batch_norm_train` returns them. `x` is `[batch, channels,
-/// height, width]` with at least one value ([`Planes::new`]), all f32.
-#[backend_extension(
-    Flex: cfg(feature = "flex"),
-    NdArray: cfg(feature = "ndarray"),
-    Autodiff
-)]
-pub trait HostBatchNorm: Backend {
-    fn batch_norm_train_planes(
-        x: FloatTensor<Self>,
-        gamma: FloatTensor<Self>,
-        beta: FloatTensor<Self>,
-        epsilon: f64,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// A CPU backend whose f32 tensors the host kernels can read and make.
@@ -257,7 +250,7 @@ fn batch_norm_train<B: HostTensors>(
 /// The extensions on one CPU backend, through the generic functions above.
 macro_rules! on_host {
     ($backend:ty) => {
-        impl Im2colConv for $backend {
+        impl CpuTraining for $backend {
             fn im2col_conv2d(
                 x: FloatTensor<Self>,
                 weight: FloatTensor<Self>,
@@ -265,6 +258,15 @@ macro_rules! on_host {
                 padding: [usize; 2],
             ) -> FloatTensor<Self> {
                 conv::<Self>(x, weight, stride, padding)
+            }
+
+            fn batch_norm_train_planes(
+                x: FloatTensor<Self>,
+                gamma: FloatTensor<Self>,
+                beta: FloatTensor<Self>,
+                epsilon: f64,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+                batch_norm_train::<Self>(x, gamma, beta, epsilon)
             }
         }
 
@@ -297,17 +299,6 @@ macro_rules! on_host {
                 padding: [usize; 2],
             ) -> FloatTensor<Self> {
                 max_pool::<Self>(x, kernel, stride, padding)
-            }
-        }
-
-        impl HostBatchNorm for $backend {
-            fn batch_norm_train_planes(
-                x: FloatTensor<Self>,
-                gamma: FloatTensor<Self>,
-                beta: FloatTensor<Self>,
-                epsilon: f64,
-            ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-                batch_norm_train::<Self>(x, gamma, beta, epsilon)
             }
         }
     };
@@ -356,35 +347,6 @@ impl<B: HostTensors> Backward<B, 2> for Im2colConvBackward {
         }
         if let (Some(node), Some(weight_grad)) = (weight_node, weight_grad) {
             grads.register::<B>(node.id, B::from_host(weight_grad, &geometry.weight_shape()));
-        }
-    }
-}
-
-impl<B: HostTensors + Im2colConv, C: CheckpointStrategy> Im2colConv for Autodiff<B, C> {
-    fn im2col_conv2d(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        stride: [usize; 2],
-        padding: [usize; 2],
-    ) -> FloatTensor<Self> {
-        let nodes = [x.node(), weight.node()];
-        let (x, weight) = (x.into_primitive(), weight.into_primitive());
-        match Im2colConvBackward
-            .prepare::<C>(nodes)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let out = B::im2col_conv2d(x.clone(), weight.clone(), stride, padding);
-                let saved = Saved {
-                    x,
-                    weight,
-                    stride,
-                    padding,
-                };
-                prep.finish(saved, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::im2col_conv2d(x, weight, stride, padding)),
         }
     }
 }
@@ -442,7 +404,34 @@ impl<B: HostTensors> Backward<B, 3> for BatchNormBackward {
     }
 }
 
-impl<B: HostTensors + HostBatchNorm, C: CheckpointStrategy> HostBatchNorm for Autodiff<B, C> {
+impl<B: HostTensors + CpuTraining, C: CheckpointStrategy> CpuTraining for Autodiff<B, C> {
+    fn im2col_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FloatTensor<Self> {
+        let nodes = [x.node(), weight.node()];
+        let (x, weight) = (x.into_primitive(), weight.into_primitive());
+        match Im2colConvBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::im2col_conv2d(x.clone(), weight.clone(), stride, padding);
+                let saved = Saved {
+                    x,
+                    weight,
+                    stride,
+                    padding,
+                };
+                prep.finish(saved, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::im2col_conv2d(x, weight, stride, padding)),
+        }
+    }
+
     fn batch_norm_train_planes(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,

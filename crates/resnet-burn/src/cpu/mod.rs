@@ -12,10 +12,10 @@
 //!
 //! - In inference ([`fused`]), BatchNorm (running statistics), the residual and ReLU are
 //!   applied to each output channel while the output is in cache.
-//! - In training ([`conv`]), the convolution is a backend extension ([`conv::Im2colConv`])
-//!   with its own backward step, and so is BatchNorm ([`batch_norm_train`], through
-//!   [`norm`]: Burn's generic one copies and re-reads each activation about ten times); ReLU
-//!   stays Burn's.
+//! - In training ([`conv`]), the convolution is a backend extension
+//!   ([`conv::CpuTraining`]) with its own backward step, and so is BatchNorm
+//!   ([`batch_norm_train`], through [`norm`]: Burn's generic one copies and re-reads each
+//!   activation about ten times); ReLU stays Burn's.
 //!
 //! The convolutions apply to ungrouped, undilated, bias-free f32 convolutions on
 //! `Device::flex()` and `Device::ndarray()` (with or without autodiff), BatchNorm in training
@@ -36,7 +36,7 @@ use burn::tensor::{DType, Device, Tensor};
 
 use crate::geometry::symmetric_padding;
 
-use conv::{CpuInference, HostBatchNorm, Im2colConv};
+use conv::{CpuInference, CpuTraining};
 use im2col::Im2col;
 use norm::Planes;
 use pool::MaxPool;
@@ -68,7 +68,7 @@ fn applies(conv: &Conv2d, x: &Tensor<4>) -> Option<Im2col> {
 /// `conv(x)`, through im2col + gemm where it applies (in training too), else Burn's.
 pub(crate) fn conv(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     match applies(conv, &x) {
-        Some(geometry) => Tensor::from_dispatch(<Dispatch as Im2colConv>::im2col_conv2d(
+        Some(geometry) => Tensor::from_dispatch(<Dispatch as CpuTraining>::im2col_conv2d(
             x.into_dispatch(),
             conv.weight.val().into_dispatch(),
             geometry.stride(),
@@ -115,7 +115,7 @@ pub(crate) fn fused(
     }))
 }
 
-/// `bn(x)` in training on a CPU backend, through [`HostBatchNorm`], with the running
+/// `bn(x)` in training on a CPU backend, through [`CpuTraining`], with the running
 /// statistics updated as Burn's `BatchNorm::forward` updates them; `None` where it does not
 /// apply: in inference, on other backends, for a frozen BatchNorm (which Burn's module runs
 /// with its running statistics), for other dtypes than f32 and for inputs without values.
@@ -132,7 +132,7 @@ pub(crate) fn batch_norm_train(bn: &BatchNorm, x: &Tensor<4>) -> Option<Tensor<4
     if !applies {
         return None;
     }
-    let (out, mean, variance) = <Dispatch as HostBatchNorm>::batch_norm_train_planes(
+    let (out, mean, variance) = <Dispatch as CpuTraining>::batch_norm_train_planes(
         x.clone().into_dispatch(),
         gamma.into_dispatch(),
         beta.into_dispatch(),
