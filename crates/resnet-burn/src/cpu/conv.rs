@@ -64,8 +64,8 @@ pub trait CpuTraining: Backend {
 }
 
 /// Inference: `relu?(affine(conv(x)))`, `relu(affine(conv(x)) + residual)` (the residual has
-/// the output's shape), where [`CpuTraining`]'s rules for the convolution apply; and max pooling, where
-/// [`MaxPool::new`] accepts the geometry.
+/// the output's shape), where [`CpuTraining`]'s rules for the convolution apply; and max
+/// pooling, where [`MaxPool::new`] accepts the geometry.
 #[backend_extension(Flex: cfg(feature = "flex"), NdArray: cfg(feature = "ndarray"))]
 pub trait CpuInference: Backend {
     fn im2col_conv2d_affine(
