@@ -1,10 +1,11 @@
 //! The geometry and the kernels of a convolution computed as im2col + gemm: the forward
 //! product, and both halves of its backward (the input's and the weight's gradient).
 //!
-//! Every kernel works on one image at a time, with the `gemm` crate (which flex uses too).
-//! In the backward, images are shared between threads in fixed groups, so that sums over
-//! the batch (the weight's gradient) are added in the same order on every run: training
-//! stays deterministic.
+//! The products are the `gemm` crate's (which flex uses too). The forward multiplies one
+//! image at a time. In the backward, images are shared between threads in fixed groups, and
+//! small images go through the products several at a time, side by side, in panels of a
+//! size fixed by the geometry: sums over the batch (the weight's gradient) are added in the
+//! same order on every run, so training stays deterministic.
 
 use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
@@ -12,6 +13,11 @@ use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 
 use crate::geometry::{is_plain, output_size};
+
+/// The output pixels a product of the backward is given at least, where images are small:
+/// several images side by side (see `Im2col::backward_group`). 128, 256 and 512 measured
+/// alike on ResNet-18's last two stages; one image at a time was 1.4x slower there.
+const PANEL_COLUMNS: usize = 256;
 
 /// The geometry of one convolution computed as im2col + gemm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -209,7 +215,8 @@ impl Im2col {
         assert_eq!(input.len(), self.batch * image, "input of {self:?}");
         assert_eq!(weight.len(), self.out_channels * self.depth(), "weight");
         assert_eq!(grad.len(), self.batch * out_image, "gradient of {self:?}");
-        let (per_group, parallelism) = self.groups();
+        let (per_group, _) = self.groups();
+        let span = self.panel_images(per_group);
         let mut input_grad = want_input.then(|| vec![0f32; self.batch * image]);
         let input_grads: Vec<Option<&mut [f32]>> = match input_grad.as_mut() {
             Some(all) => all.chunks_mut(per_group * image).map(Some).collect(),
@@ -220,7 +227,7 @@ impl Im2col {
             .zip(input.par_chunks(per_group * image))
             .zip(grad.par_chunks(per_group * out_image))
             .map(|((input_grad, input), grad)| {
-                self.backward_group(input, weight, grad, input_grad, want_weight, parallelism)
+                self.backward_group(input, weight, grad, input_grad, want_weight, span)
             })
             .collect();
         // The groups' partial sums, added in order.
@@ -233,6 +240,11 @@ impl Im2col {
 
     /// [`Self::backward`] for consecutive images: writes their input gradients (when
     /// given a buffer) and returns the sum of their weight gradients (when `want_weight`).
+    ///
+    /// The products take `span` images at a time, side by side (see [`Self::panel_images`]):
+    /// one image of ResNet-18's last stage on CIFAR-10 has 16 output pixels, and its weight
+    /// gradient alone is a product that reads and writes the whole gradient (2.4 million
+    /// values) for 16 multiply-adds per value.
     fn backward_group(
         &self,
         input: &[f32],
@@ -240,77 +252,114 @@ impl Im2col {
         grad: &[f32],
         mut input_grad: Option<&mut [f32]>,
         want_weight: bool,
-        parallelism: gemm::Parallelism,
+        span: usize,
     ) -> Option<Vec<f32>> {
         let (image, out_image) = (self.image_len(), self.out_image_len());
         let (pixels, depth) = (self.pixels(), self.depth());
+        let (_, parallelism) = self.groups();
+        assert!(span > 0, "panels of at least one image");
         let mut weight_grad = want_weight.then(|| vec![0f32; self.out_channels * depth]);
-        let mut col = self.column_buffer();
-        let mut col_grad = self.column_buffer();
+        // A panel's im2col matrix, its gradient, and its images' output gradients side by
+        // side; empty where one image is its own panel and needs no copy.
+        let mut col = Vec::new();
+        let mut col_grad = Vec::new();
+        let mut grads = Vec::new();
+        if span > 1 || !self.pointwise() {
+            col = vec![0f32; depth * span * pixels];
+            col_grad = vec![0f32; depth * span * pixels];
+        }
+        if span > 1 {
+            grads = vec![0f32; self.out_channels * span * pixels];
+        }
         for (k, (x, g)) in input
-            .chunks_exact(image)
-            .zip(grad.chunks_exact(out_image))
+            .chunks(span * image)
+            .zip(grad.chunks(span * out_image))
             .enumerate()
         {
+            let images = x.len() / image;
+            let width = images * pixels;
+            let g = self.side_by_side(g, &mut grads);
             if let Some(weight_grad) = weight_grad.as_mut() {
                 let columns = self.columns(x, &mut col);
                 // weight_grad += grad x im2col(x)^T
                 // SAFETY: `weight_grad` is `out_channels x depth` row-major, `g` is
-                // `out_channels x pixels` row-major and `columns` is `depth x pixels`
-                // row-major, read transposed (lengths checked above and in `columns`).
+                // `out_channels x width` row-major and `columns` is `depth x width` row-major,
+                // read transposed (lengths checked above and in `Matrix::rows`).
                 unsafe {
                     self.product(
                         Dst::rows(weight_grad, depth),
-                        Matrix::rows(g, pixels),
-                        Matrix::columns(columns, pixels),
+                        Matrix::rows(g, width),
+                        Matrix::columns(columns, width),
                         true,
                         parallelism,
                     );
                 }
             }
             if let Some(all) = input_grad.as_mut() {
-                let x_grad = &mut all[k * image..(k + 1) * image];
-                let dst: &mut [f32] = if self.pointwise() {
+                let x_grad = &mut all[k * span * image..][..images * image];
+                // A pointwise image is its own im2col matrix, and so is its gradient.
+                let direct = images == 1 && self.pointwise();
+                let dst: &mut [f32] = if direct {
                     x_grad
                 } else {
-                    &mut col_grad
+                    &mut col_grad[..depth * width]
                 };
                 // im2col(x_grad) = weight^T x grad
-                // SAFETY: `dst` is `depth x pixels` row-major (the pointwise input image is
+                // SAFETY: `dst` is `depth x width` row-major (the pointwise input image is
                 // exactly that), `weight` is `out_channels x depth` row-major read
-                // transposed, `g` is `out_channels x pixels` row-major.
+                // transposed, `g` is `out_channels x width` row-major.
                 unsafe {
                     self.product(
-                        Dst::rows(dst, pixels),
+                        Dst::rows(dst, width),
                         Matrix::columns(weight, depth),
-                        Matrix::rows(g, pixels),
+                        Matrix::rows(g, width),
                         false,
                         parallelism,
                     );
                 }
-                if !self.pointwise() {
-                    self.scatter(&col_grad, x_grad);
+                if !direct {
+                    self.scatter(&col_grad[..depth * width], x_grad);
                 }
             }
         }
         weight_grad
     }
 
-    /// The im2col matrix of image `x` (`depth x pixels`): `x` itself when pointwise, else
-    /// `col` filled.
+    /// How many images of a group of `images` go through one product of the backward: as
+    /// many as give it [`PANEL_COLUMNS`] columns (output pixels), at least one.
+    fn panel_images(&self, images: usize) -> usize {
+        PANEL_COLUMNS
+            .div_ceil(self.pixels())
+            .clamp(1, images.max(1))
+    }
+
+    /// The im2col matrices of the images `x`, side by side (`depth x images * pixels`): `x`
+    /// itself for one pointwise image, else filled into `col`.
     fn columns<'a>(&self, x: &'a [f32], col: &'a mut [f32]) -> &'a [f32] {
-        let rhs: &[f32] = if self.pointwise() {
-            x
-        } else {
-            self.fill(x, col);
-            col
-        };
-        assert_eq!(
-            rhs.len(),
-            self.depth() * self.pixels(),
-            "im2col of {self:?}"
-        );
-        rhs
+        let images = x.len() / self.image_len();
+        if images == 1 && self.pointwise() {
+            return x;
+        }
+        let col = &mut col[..self.depth() * images * self.pixels()];
+        self.fill(x, col);
+        col
+    }
+
+    /// The output gradients `g` of a panel's images, side by side (`out_channels x images *
+    /// pixels`): `g` itself for one image, else copied into `buf`.
+    fn side_by_side<'a>(&self, g: &'a [f32], buf: &'a mut [f32]) -> &'a [f32] {
+        let (pixels, images) = (self.pixels(), g.len() / self.out_image_len());
+        if images == 1 {
+            return g;
+        }
+        let width = images * pixels;
+        let buf = &mut buf[..self.out_channels * width];
+        for (i, g) in g.chunks_exact(self.out_image_len()).enumerate() {
+            for (dst, src) in buf.chunks_exact_mut(width).zip(g.chunks_exact(pixels)) {
+                dst[i * pixels..][..pixels].copy_from_slice(src);
+            }
+        }
+        buf
     }
 
     /// `dst = lhs x rhs`, or `dst += lhs x rhs` with `accumulate`, checking that the three
@@ -364,80 +413,106 @@ impl Im2col {
         }
     }
 
-    /// The im2col matrix of one image: row `(c * kh + i) * kw + j` holds input channel `c`
-    /// seen through kernel position `(i, j)` at every output pixel (0 in the padding).
+    /// The im2col matrix of the images `x`, side by side: row `(c * kh + i) * kw + j` holds
+    /// input channel `c` seen through kernel position `(i, j)` at every output pixel of each
+    /// image in turn (0 in the padding).
     fn fill(&self, x: &[f32], col: &mut [f32]) {
-        for (r, row) in col.chunks_exact_mut(self.pixels()).enumerate() {
-            let (plane, first, end) = self.row_span(r);
-            let plane = &x[plane];
-            for (oy, dst) in row.chunks_exact_mut(self.out_width).enumerate() {
-                match self.source(r, oy, first, end) {
-                    None => dst.fill(0.0),
-                    Some((start, sx)) => {
-                        dst[..first].fill(0.0);
-                        dst[end..].fill(0.0);
-                        let src = &plane[start..];
-                        if sx == 1 {
-                            dst[first..end].copy_from_slice(&src[..end - first]);
-                        } else {
-                            for (d, s) in dst[first..end].iter_mut().zip(src.iter().step_by(sx)) {
-                                *d = *s;
-                            }
-                        }
+        let (image, pixels, width) = (self.image_len(), self.pixels(), self.out_width);
+        let images = x.len() / image;
+        let row_len = images * pixels;
+        assert_eq!(col.len(), self.depth() * row_len, "im2col of {self:?}");
+        self.segments(|r, oy, source| {
+            for (i, x) in x.chunks_exact(image).enumerate() {
+                let dst = &mut col[r * row_len + i * pixels + oy * width..][..width];
+                let Some(Segment { start, first, end }) = source else {
+                    dst.fill(0.0);
+                    continue;
+                };
+                dst[..first].fill(0.0);
+                dst[end..].fill(0.0);
+                let (dst, sx) = (&mut dst[first..end], self.stride[1]);
+                if sx == 1 {
+                    dst.copy_from_slice(&x[start..start + dst.len()]);
+                } else {
+                    for (d, s) in dst.iter_mut().zip(x[start..].iter().step_by(sx)) {
+                        *d = *s;
                     }
                 }
             }
-        }
+        });
     }
 
     /// The adjoint of [`Self::fill`] (col2im): adds each entry of an im2col-shaped matrix
-    /// to the input position it was read from.
+    /// of the images `x` to the position of `x` it was read from.
     fn scatter(&self, col: &[f32], x: &mut [f32]) {
-        for (r, row) in col.chunks_exact(self.pixels()).enumerate() {
-            let (plane, first, end) = self.row_span(r);
-            let plane = &mut x[plane];
-            for (oy, src) in row.chunks_exact(self.out_width).enumerate() {
-                let Some((start, sx)) = self.source(r, oy, first, end) else {
-                    continue;
-                };
-                let (src, dst) = (&src[first..end], &mut plane[start..]);
+        let (image, pixels, width) = (self.image_len(), self.pixels(), self.out_width);
+        let row_len = x.len() / image * pixels;
+        assert_eq!(col.len(), self.depth() * row_len, "col2im of {self:?}");
+        self.segments(|r, oy, source| {
+            let Some(Segment { start, first, end }) = source else {
+                return;
+            };
+            for (i, x) in x.chunks_exact_mut(image).enumerate() {
+                let src = &col[r * row_len + i * pixels + oy * width..][first..end];
+                let sx = self.stride[1];
                 if sx == 1 {
                     // Two slices of one length: a loop the compiler vectorizes.
-                    for (d, s) in dst[..src.len()].iter_mut().zip(src) {
+                    for (d, s) in x[start..start + src.len()].iter_mut().zip(src) {
                         *d += *s;
                     }
                 } else {
-                    for (d, s) in dst.iter_mut().step_by(sx).zip(src) {
+                    for (d, s) in x[start..].iter_mut().step_by(sx).zip(src) {
                         *d += *s;
                     }
                 }
             }
+        });
+    }
+
+    /// Calls `visit(r, oy, source)` for every row `r` of the im2col matrix, in order, and
+    /// every output row `oy`: `source` tells where in the image that stretch of output
+    /// columns reads, `None` where its input row is padding. The loops run over channels and
+    /// kernel positions, with no division per row: a 4x4 image (ResNet-18's last stage on
+    /// CIFAR-10) has rows of 4 values, where the indexing costs as much as the copy.
+    fn segments(&self, mut visit: impl FnMut(usize, usize, Option<Segment>)) {
+        let [kh, kw] = self.kernel;
+        let [sy, sx] = self.stride;
+        let [py, px] = self.padding;
+        let (height, width) = (self.height, self.width);
+        let mut r = 0;
+        for c in 0..self.channels {
+            let plane = c * height * width;
+            for i in 0..kh {
+                for j in 0..kw {
+                    // The output columns whose input column `ox * sx + j - px` is inside.
+                    let first = px.saturating_sub(j).div_ceil(sx);
+                    let end = (width + px)
+                        .saturating_sub(j)
+                        .div_ceil(sx)
+                        .min(self.out_width);
+                    for oy in 0..self.out_height {
+                        let iy = (oy * sy + i).wrapping_sub(py);
+                        let source = (iy < height && first < end).then(|| Segment {
+                            start: plane + iy * width + first * sx + j - px,
+                            first,
+                            end,
+                        });
+                        visit(r, oy, source);
+                    }
+                    r += 1;
+                }
+            }
         }
     }
+}
 
-    /// For im2col row `r`: the range of its input channel's plane, and the output columns
-    /// `first..end` whose input column `ox * sx + j - px` is inside the image.
-    fn row_span(&self, r: usize) -> (std::ops::Range<usize>, usize, usize) {
-        let [kh, kw] = self.kernel;
-        let (c, j) = (r / (kh * kw), r % kw);
-        let (sx, px, w) = (self.stride[1], self.padding[1], self.width);
-        let first = px.saturating_sub(j).div_ceil(sx);
-        let end = (w + px).saturating_sub(j).div_ceil(sx).min(self.out_width);
-        let plane = self.height * w;
-        (c * plane..(c + 1) * plane, first, end)
-    }
-
-    /// For im2col row `r` and output row `oy`: the offset in the plane of the input read by
-    /// output column `first`, and the column stride; `None` when that input row is padding.
-    fn source(&self, r: usize, oy: usize, first: usize, end: usize) -> Option<(usize, usize)> {
-        let [kh, kw] = self.kernel;
-        let (i, j) = (r / kw % kh, r % kw);
-        let iy = (oy * self.stride[0] + i).wrapping_sub(self.padding[0]);
-        (iy < self.height && first < end).then(|| {
-            let sx = self.stride[1];
-            (iy * self.width + first * sx + j - self.padding[1], sx)
-        })
-    }
+/// Where a stretch of an im2col row reads in the image (see [`Im2col::segments`]): output
+/// columns `first..end` read from offset `start` on, every `stride[1]` values.
+#[derive(Clone, Copy)]
+struct Segment {
+    start: usize,
+    first: usize,
+    end: usize,
 }
 
 /// A matrix view of a slice for [`Im2col::product`]: its shape and strides, which address
@@ -512,5 +587,83 @@ impl<'a> Dst<'a> {
             cols,
             _slice: PhantomData,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+
+    /// Values in [-1, 1) drawn from `seed`.
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * scale,
+                "{what}[{i}]: {g} against {w} image by image"
+            );
+        }
+    }
+
+    /// The backward in panels of every size, against the same images one at a time: the
+    /// im2col matrices and gradients side by side, a last panel shorter than the others
+    /// (a single image among them), pointwise inputs copied into a panel.
+    #[test]
+    fn panels_match_images_one_by_one() {
+        // batch, channels, out channels, kernel, stride, padding, side
+        for (batch, c, o, k, s, p, side) in [
+            (5, 3, 4, 3, 1, 1, 5),
+            (4, 2, 3, 3, 2, 1, 7),
+            (5, 6, 4, 1, 1, 0, 3),
+            (3, 4, 2, 1, 2, 0, 6),
+            (4, 2, 2, 3, 1, 0, 3),
+        ] {
+            let geometry = Im2col::new([batch, c, side, side], [o, c, k, k], [s, s], [p, p])
+                .expect("a valid geometry");
+            let input = values(batch * geometry.image_len(), 1);
+            let weight = values(o * geometry.depth(), 2);
+            let grad = values(batch * geometry.out_image_len(), 3);
+            let run = |span| {
+                let mut input_grad = vec![0f32; input.len()];
+                let weight_grad = geometry
+                    .backward_group(&input, &weight, &grad, Some(&mut input_grad), true, span)
+                    .expect("asked for");
+                (input_grad, weight_grad)
+            };
+            let (input_want, weight_want) = run(1);
+            for span in 2..=batch + 1 {
+                let (input_got, weight_got) = run(span);
+                let case = format!("{geometry:?} in panels of {span}");
+                assert_close(
+                    &format!("input gradient of {case}"),
+                    &input_got,
+                    &input_want,
+                );
+                assert_close(
+                    &format!("weight gradient of {case}"),
+                    &weight_got,
+                    &weight_want,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn panels_hold_enough_pixels() {
+        let geometry = |side| Im2col::new([64, 8, side, side], [8, 8, 3, 3], [1, 1], [1, 1]);
+        let images = |side, group| geometry(side).unwrap().panel_images(group);
+        assert_eq!(images(32, 32), 1, "1,024 pixels an image");
+        assert_eq!(images(8, 32), PANEL_COLUMNS / 64);
+        assert_eq!(images(4, 32), PANEL_COLUMNS / 16);
+        assert_eq!(images(4, 3), 3, "no more than the group");
+        assert_eq!(images(1, 0), 1);
     }
 }
