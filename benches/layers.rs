@@ -10,8 +10,11 @@
 //!
 //! On the GPU backends (wgpu, cuda) every 3x3 convolution case is measured a second time as
 //! `<case>_im2col`: through [`resnet_burn::conv2d`] with [`GpuConv::Im2col`], this crate's
-//! alternative to Burn's direct kernel. The CPU backends' convolutions in resnet-burn are
-//! its own kernels, measured with the whole network in `benches/resnet.rs`.
+//! alternative to Burn's direct kernel. On the CPU backends (flex, ndarray) every
+//! convolution case is measured a second time as `<case>_train`: forward and backward
+//! through [`resnet_burn::conv2d`] on the autodiff device, the crate's training kernels as
+//! `ResNet` runs them; its inference kernels, fused with BatchNorm, are measured with the
+//! whole network in `benches/resnet.rs`.
 
 use std::time::Duration;
 
@@ -49,6 +52,19 @@ fn conv(channels: usize, out: usize, kernel: usize, stride: usize, device: &Devi
 
 fn input(channels: usize, side: usize, device: &Device) -> Tensor<4> {
     Tensor::random([BATCH, channels, side, side], Distribution::Default, device)
+}
+
+/// `forward(x)`, then the gradients of its sum with respect to `x` and the layer's weight,
+/// combined into one tensor to wait for.
+fn forward_backward(
+    layer: &Conv2d,
+    x: &Tensor<4>,
+    forward: impl Fn(Tensor<4>) -> Tensor<4>,
+) -> Tensor<4> {
+    let grads = forward(x.clone()).sum().backward();
+    let input_grad = x.grad(&grads).expect("input gradient");
+    let weight_grad = layer.weight.grad(&grads).expect("weight gradient");
+    input_grad + weight_grad.sum().reshape([1, 1, 1, 1])
 }
 
 fn layers(c: &mut Criterion) {
@@ -98,21 +114,25 @@ fn layers(c: &mut Criterion) {
         let autodiff = device.clone().autodiff();
         let layer = conv(64, 64, 3, 1, &autodiff);
         let x = input(64, 32, &autodiff).require_grad();
-        let forward_backward = |forward: &dyn Fn(Tensor<4>) -> Tensor<4>| {
-            let grads = forward(x.clone()).sum().backward();
-            let input_grad = x.grad(&grads).expect("input gradient");
-            let weight_grad = layer.weight.grad(&grads).expect("weight gradient");
-            input_grad + weight_grad.sum().reshape([1, 1, 1, 1])
-        };
         bench("conv3x3_64_32px_forward_backward", &mut || {
-            forward_backward(&|x| layer.forward(x))
+            forward_backward(&layer, &x, |x| layer.forward(x))
         });
         if gpu {
             set_gpu_conv(GpuConv::Im2col);
             bench("conv3x3_64_32px_forward_backward_im2col", &mut || {
-                forward_backward(&|x| conv2d(&layer, x))
+                forward_backward(&layer, &x, |x| conv2d(&layer, x))
             });
             set_gpu_conv(GpuConv::Burn);
+        } else {
+            // Every convolution as `ResNet` trains it on the CPU backends: resnet-burn's
+            // kernels, forward and backward.
+            for (name, channels, out, kernel, stride, side) in CONVS {
+                let layer = conv(channels, out, kernel, stride, &autodiff);
+                let x = input(channels, side, &autodiff).require_grad();
+                bench(&format!("{name}_train"), &mut || {
+                    forward_backward(&layer, &x, |x| conv2d(&layer, x))
+                });
+            }
         }
     }
     group.finish();
