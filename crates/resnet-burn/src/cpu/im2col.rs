@@ -15,8 +15,7 @@ use std::mem::MaybeUninit;
 use crate::geometry::{is_plain, output_size};
 
 /// The output pixels a product of the backward is given at least, where images are small:
-/// several images side by side (see `Im2col::backward_group`). 128, 256 and 512 measured
-/// alike on ResNet-18's last two stages; one image at a time was 1.4x slower there.
+/// several images side by side (see `Im2col::backward_group`).
 const PANEL_COLUMNS: usize = 256;
 
 /// The geometry of one convolution computed as im2col + gemm.
