@@ -472,7 +472,7 @@ impl Im2col {
     /// every output row `oy`: `source` tells where in the image that stretch of output
     /// columns reads, `None` where its input row is padding. The loops run over channels and
     /// kernel positions, with no division per row: a 4x4 image (ResNet-18's last stage on
-    /// CIFAR-10) has rows of 4 values, where the indexing costs as much as the copy.
+    /// CIFAR-10) has rows of 4 values, and a row's indices were computed with four.
     fn segments(&self, mut visit: impl FnMut(usize, usize, Option<Segment>)) {
         let [kh, kw] = self.kernel;
         let [sy, sx] = self.stride;
