@@ -258,18 +258,20 @@ impl Im2col {
         let (_, parallelism) = self.groups();
         assert!(span > 0, "panels of at least one image");
         let mut weight_grad = want_weight.then(|| vec![0f32; self.out_channels * depth]);
-        // A panel's im2col matrix, its gradient, and its images' output gradients side by
-        // side; empty where one image is its own panel and needs no copy.
-        let mut col = Vec::new();
-        let mut col_grad = Vec::new();
-        let mut grads = Vec::new();
-        if span > 1 || !self.pointwise() {
-            col = vec![0f32; depth * span * pixels];
-            col_grad = vec![0f32; depth * span * pixels];
-        }
-        if span > 1 {
-            grads = vec![0f32; self.out_channels * span * pixels];
-        }
+        // A panel's im2col matrix (for the weight's gradient), its gradient (for the input's)
+        // and its images' output gradients side by side, each allocated only where it is
+        // used: a single pointwise image is its own im2col matrix, one image needs no copy.
+        let copies = span > 1 || !self.pointwise();
+        let panel = |rows: usize, used: bool| {
+            if used {
+                vec![0f32; rows * span * pixels]
+            } else {
+                Vec::new()
+            }
+        };
+        let mut col = panel(depth, want_weight && copies);
+        let mut col_grad = panel(depth, input_grad.is_some() && copies);
+        let mut grads = panel(self.out_channels, span > 1);
         for (k, (x, g)) in input
             .chunks(span * image)
             .zip(grad.chunks(span * out_image))
