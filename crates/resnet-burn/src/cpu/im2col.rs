@@ -18,10 +18,6 @@ use crate::geometry::{is_plain, output_size};
 /// several images side by side (see `Im2col::backward_group`).
 const PANEL_COLUMNS: usize = 256;
 
-/// The most output channels for which the backward computes the weight's gradient
-/// transposed (see `Im2col::weight_grad_transposed`).
-const TRANSPOSED_WEIGHT_GRAD_CHANNELS: usize = 64;
-
 /// The geometry of one convolution computed as im2col + gemm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Im2col {
@@ -262,7 +258,6 @@ impl Im2col {
         let (_, parallelism) = self.groups();
         assert!(span > 0, "panels of at least one image");
         let mut weight_grad = want_weight.then(|| vec![0f32; self.out_channels * depth]);
-        let transposed = self.weight_grad_transposed();
         // A panel's im2col matrix (for the weight's gradient), its gradient (for the input's)
         // and its images' output gradients side by side, each allocated only where it is
         // used: a single pointwise image is its own im2col matrix, one image needs no copy.
@@ -287,30 +282,18 @@ impl Im2col {
             let g = self.side_by_side(g, &mut grads);
             if let Some(weight_grad) = weight_grad.as_mut() {
                 let columns = self.columns(x, &mut col);
-                // SAFETY: `g` is `out_channels x width` row-major and `columns` is
-                // `depth x width` row-major; each product reads one of them transposed.
-                // `weight_grad` holds `out_channels x depth` values, row-major or (when
-                // `transposed`) column-major. Lengths are checked above and in `Matrix::rows`.
+                // weight_grad += grad x im2col(x)^T
+                // SAFETY: `weight_grad` is `out_channels x depth` row-major, `g` is
+                // `out_channels x width` row-major and `columns` is `depth x width` row-major,
+                // read transposed (lengths checked above and in `Matrix::rows`).
                 unsafe {
-                    if transposed {
-                        // weight_grad^T += im2col(x) x grad^T
-                        self.product(
-                            Dst::rows(weight_grad, self.out_channels),
-                            Matrix::rows(columns, width),
-                            Matrix::columns(g, width),
-                            true,
-                            parallelism,
-                        );
-                    } else {
-                        // weight_grad += grad x im2col(x)^T
-                        self.product(
-                            Dst::rows(weight_grad, depth),
-                            Matrix::rows(g, width),
-                            Matrix::columns(columns, width),
-                            true,
-                            parallelism,
-                        );
-                    }
+                    self.product(
+                        Dst::rows(weight_grad, depth),
+                        Matrix::rows(g, width),
+                        Matrix::columns(columns, width),
+                        true,
+                        parallelism,
+                    );
                 }
             }
             if let Some(all) = input_grad.as_mut() {
@@ -340,25 +323,7 @@ impl Im2col {
                 }
             }
         }
-        if transposed {
-            weight_grad = weight_grad.map(|t| transpose(&t, depth, self.out_channels));
-        }
         weight_grad
-    }
-
-    /// Whether the backward computes the weight's gradient transposed, as
-    /// `im2col(x) x grad^T` (`depth x out_channels`) rather than `grad x im2col(x)^T`.
-    ///
-    /// Both operands hold pixels along their rows, and gemm packs the left operand of its
-    /// microkernel transposed, into panels of a few rows (16 with AVX2) read down their
-    /// columns. `grad x im2col(x)^T` packs the im2col matrix (`depth` rows); the transposed
-    /// product packs the output gradients (`out_channels` rows) and reads the im2col matrix
-    /// as it is, once per panel of output channels. That pays where the output channels are
-    /// few, and fewer than the im2col matrix's rows: in the `_train` cases of
-    /// `benches/layers.rs` (2026-11-29), 64 output channels at 32x32 (576 rows) trained
-    /// 10-15% faster, 128 no faster and 512 (4x4 images in panels) 10% slower.
-    fn weight_grad_transposed(&self) -> bool {
-        self.out_channels <= TRANSPOSED_WEIGHT_GRAD_CHANNELS && self.out_channels < self.depth()
     }
 
     /// How many images of a group of `images` go through one product of the backward: as
@@ -551,17 +516,6 @@ struct Segment {
     end: usize,
 }
 
-/// The transpose of the `rows x cols` row-major matrix `m`.
-fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0f32; m.len()];
-    for (i, row) in m.chunks_exact(cols).enumerate() {
-        for (j, v) in row.iter().enumerate() {
-            t[j * rows + i] = *v;
-        }
-    }
-    t
-}
-
 /// A matrix view of a slice for [`Im2col::product`]: its shape and strides, which address
 /// only the slice.
 struct Matrix<'a> {
@@ -662,8 +616,7 @@ mod tests {
 
     /// The backward in panels of every size, against the same images one at a time: the
     /// im2col matrices and gradients side by side, a last panel shorter than the others
-    /// (a single image among them), pointwise inputs copied into a panel, the weight's
-    /// gradient computed transposed and not.
+    /// (a single image among them), pointwise inputs copied into a panel.
     #[test]
     fn panels_match_images_one_by_one() {
         // batch, channels, out channels, kernel, stride, padding, side
@@ -673,7 +626,6 @@ mod tests {
             (5, 6, 4, 1, 1, 0, 3),
             (3, 4, 2, 1, 2, 0, 6),
             (4, 2, 2, 3, 1, 0, 3),
-            (4, 2, 8, 1, 1, 0, 3),
         ] {
             let geometry = Im2col::new([batch, c, side, side], [o, c, k, k], [s, s], [p, p])
                 .expect("a valid geometry");
