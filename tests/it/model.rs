@@ -427,6 +427,25 @@ fn batchnorm_uses_batch_statistics_in_training_only(device: &Device) {
         "{running_mean:?} vs {expected:?}"
     );
 
+    // The model's own training pass moves the running variance 10% of the way to the batch's
+    // unbiased variance, as PyTorch's BatchNorm does (Burn's module, above, takes the biased
+    // one).
+    let fresh = tiny(BlockKind::Basic).init(&autodiff);
+    let per_channel = fresh
+        .conv1
+        .forward(x.clone())
+        .permute([1, 0, 2, 3])
+        .reshape([8, 4 * 8 * 8]);
+    let centered = per_channel.clone() - per_channel.mean_dim(1);
+    let unbiased_variance = values(centered.powi_scalar(2).sum_dim(1).div_scalar(4 * 8 * 8 - 1));
+    fresh.forward(x.clone());
+    let running_var = values(fresh.bn1.running_var.value_sync());
+    let expected: Vec<f32> = unbiased_variance.iter().map(|v| 0.9 + 0.1 * v).collect();
+    assert!(
+        relative_error(&running_var, &expected) < 1e-5,
+        "{running_var:?} vs {expected:?}"
+    );
+
     // Evaluation: running statistics, so the output of one image does not depend on the
     // rest of the batch, and the statistics stay as they are.
     let eval = model.valid();

@@ -8,6 +8,7 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, PaddingConfig2d};
 use burn::tensor::activation;
+use burn::tensor::module::BatchNormTrainOutput;
 use burn::tensor::{Device, Tensor};
 
 use crate::config::bottleneck_width;
@@ -22,13 +23,39 @@ pub(crate) fn conv_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, relu: bool) -
     if relu { activation::relu(out) } else { out }
 }
 
-/// `bn.forward(x)`; in training on the CPU backends through [`crate::cpu`].
+/// `bn.forward(x)`, with torchvision's running variance: in training (Burn's rule: an
+/// autodiff device and a layer not frozen) the running statistics move toward the batch's mean
+/// and its unbiased variance, as PyTorch's BatchNorm does, where Burn's module takes the
+/// biased one. On the CPU backends the training pass runs through [`crate::cpu`].
 fn norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
-    #[cfg(any(feature = "flex", feature = "ndarray"))]
-    if let Some(out) = crate::cpu::batch_norm_train(bn, &x) {
-        return out;
+    if !(x.device().is_autodiff() && bn.training.is_enabled()) {
+        return bn.forward(x);
     }
-    bn.forward(x)
+    let [batch, _, height, width] = x.dims();
+    #[cfg(any(feature = "flex", feature = "ndarray"))]
+    let train = crate::cpu::batch_norm_train(bn, &x);
+    #[cfg(not(any(feature = "flex", feature = "ndarray")))]
+    let train = None;
+    let BatchNormTrainOutput {
+        output,
+        mean,
+        variance,
+    } = train.unwrap_or_else(|| {
+        burn::tensor::module::batch_norm_train(x, bn.gamma.val(), bn.beta.val(), bn.epsilon)
+    });
+    // The unbiased variance of the `count` values each channel's statistics are taken over
+    // (a single value, which PyTorch refuses in training, keeps its variance of 0).
+    let count = (batch * height * width) as f64;
+    let unbiased = variance.mul_scalar(count / (count - 1.0).max(1.0));
+    for (running, batch) in [(&bn.running_mean, mean), (&bn.running_var, unbiased)] {
+        let value = running
+            .value_sync()
+            .to_device(&batch.device())
+            .mul_scalar(1.0 - bn.momentum)
+            .add(batch.mul_scalar(bn.momentum));
+        running.update(value.detach());
+    }
+    output
 }
 
 /// `conv.forward(x)` as [`crate::ResNet`] computes it on `x`'s device: on the CPU backends
