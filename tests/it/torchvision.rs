@@ -15,7 +15,7 @@ use crate::model::{pseudo_random, relative_error, tempdir, values};
 
 device_tests!(parity_with_torchvision);
 
-fn fixture(name: &str) -> PathBuf {
+pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name)
@@ -39,7 +39,7 @@ fn parity_config(name: &str) -> ResNetConfig {
 }
 
 /// Tensors of a safetensors file: name -> (shape, f32 values).
-fn read_safetensors(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
+pub fn read_safetensors(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).expect("fixture");
     let file = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
     file.tensors()

@@ -10,7 +10,7 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 use cifar10_burn::augment::flip_horizontal;
-use cifar10_burn::format::encode_batch;
+use cifar10_burn::format::{IMAGE_BYTES, encode_batch};
 use cifar10_burn::{Cifar10Dataset, HostBatch, Rng, Split};
 use resnet_burn::{GpuPrecision, ResNet, ResNetConfig, Stem};
 use resnet_burn_examples::parallel::{DataParallel, read_joined};
@@ -21,6 +21,8 @@ use resnet_burn_examples::train::{
 
 use crate::cifar10::{scratch, write_fake_cifar};
 use crate::devices;
+use crate::model::{relative_error, values};
+use crate::torchvision::{fixture, read_safetensors};
 
 fn tiny_options() -> TrainOptions {
     TrainOptions {
@@ -652,4 +654,180 @@ fn data_parallel_refuses_a_device_twice_and_too_small_batches() {
     )
     .unwrap_err();
     assert!(error.to_string().contains("--batch-size 1"), "{error}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The recipe against PyTorch's (tests/fixtures/make_training_steps.py)
+
+device_tests!(three_steps_of_the_recipe_end_as_pytorchs);
+
+/// The run of `make_training_steps.py`: the example's recipe (its defaults: SGD with Nesterov
+/// momentum 0.9, weight decay 5e-4 on convolution and linear weights, label smoothing 0.1, one
+/// epoch of warm-up, then cosine) on a 4-channel ResNet-18, three epochs of one step each over
+/// the 40 training images of [`write_noise_cifar`], not augmented. Forty images keep the stem's
+/// BatchNorm statistics (a mean over 40 x 32 x 32 values a channel) clear of
+/// [`long_reductions_keep_every_value`]'s failure on wgpu through lavapipe.
+fn three_step_options() -> TrainOptions {
+    TrainOptions {
+        base_channels: 4,
+        epochs: 3,
+        batch_size: 40,
+        eval_batch_size: 8,
+        augment: false,
+        ..TrainOptions::default()
+    }
+}
+
+/// Image `index` of `make_training_steps.py`: byte `p` is the top byte of a 32-bit hash
+/// (murmur3's finalizer) of `index * 3072 + p`.
+fn noise_image(index: usize) -> Vec<u8> {
+    (0..IMAGE_BYTES)
+        .map(|p| {
+            let mut x = ((index * IMAGE_BYTES + p) as u32)
+                .wrapping_mul(0x9E37_79B9)
+                .wrapping_add(12345);
+            x ^= x >> 16;
+            x = x.wrapping_mul(0x7FEB_352D);
+            x ^= x >> 15;
+            x = x.wrapping_mul(0x846C_A68B);
+            x ^= x >> 16;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// CIFAR-10's files with 8 images each: training image `k` (record `k % 8` of
+/// `data_batch_{k / 8 + 1}`) is `noise_image(k)`, labelled `k % 10`; the test images follow.
+fn write_noise_cifar(dir: &Path) -> (Arc<Cifar10Dataset>, Arc<Cifar10Dataset>) {
+    let files = Split::Train.files().iter().chain(Split::Test.files());
+    for (f, name) in files.enumerate() {
+        let images: Vec<(u8, Vec<u8>)> = (f * 8..f * 8 + 8)
+            .map(|k| ((k % 10) as u8, noise_image(k)))
+            .collect();
+        let bytes = encode_batch(images.iter().map(|(l, im)| (*l, im.as_slice())));
+        std::fs::write(dir.join(name), bytes).expect("write batch");
+    }
+    (
+        Arc::new(Cifar10Dataset::new(dir, Split::Train).unwrap()),
+        Arc::new(Cifar10Dataset::new(dir, Split::Test).unwrap()),
+    )
+}
+
+#[test]
+#[ignore = "writes tests/fixtures/training_steps_init.safetensors for make_training_steps.py"]
+fn write_training_steps_init() {
+    let options = three_step_options();
+    let model = options
+        .model_config()
+        .unwrap()
+        .try_init_seeded(&Device::flex(), options.seed)
+        .unwrap();
+    model
+        .save_torchvision(fixture("training_steps_init.safetensors"))
+        .unwrap();
+}
+
+/// Three steps of `train` end where PyTorch's three steps of the same recipe end, from the
+/// same weights (the seeded ones `train` starts from) and on the same images: the same losses,
+/// and the same change of every parameter and running statistic. What the steps change is
+/// compared, not the weights themselves, so that a weight decay on the wrong parameters, a
+/// momentum of another kind or biased running variances show at their full size.
+fn three_steps_of_the_recipe_end_as_pytorchs(device: &Device) {
+    let options = three_step_options();
+    let init = read_safetensors(&fixture("training_steps_init.safetensors"));
+    let reference = read_safetensors(&fixture("training_steps_final.safetensors"));
+    // The folders of one device: the devices' tests run at the same time.
+    let name: String = format!("{device:?}")
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect();
+    let out = scratch(&format!("three-steps-{name}"));
+    let seeded = out.join("seeded.safetensors");
+    options
+        .model_config()
+        .unwrap()
+        .try_init_seeded(device, options.seed)
+        .unwrap()
+        .save_torchvision(&seeded)
+        .unwrap();
+    let seeded = read_safetensors(&seeded);
+    for (key, (_, values)) in &init {
+        assert_eq!(
+            &seeded[key].1, values,
+            "{key}: the seeded initial weights changed; write the fixtures again (see \
+             tests/fixtures/make_training_steps.py)"
+        );
+    }
+
+    let (train_set, test_set) = write_noise_cifar(&scratch(&format!("three-steps-data-{name}")));
+    train(
+        &options,
+        train_set,
+        test_set,
+        std::slice::from_ref(device),
+        &out,
+        &Control::default(),
+    )
+    .unwrap();
+
+    let losses: Vec<f32> = results(&out)
+        .iter()
+        .map(|row| row[2].parse().unwrap())
+        .collect();
+    let mut differences = Vec::new();
+    let error = relative_error(&losses, &reference["losses"].1);
+    if error >= 1e-5 {
+        differences.push(format!(
+            "losses {losses:?}, PyTorch's {:?}",
+            reference["losses"].1
+        ));
+    }
+    let trained = read_safetensors(&out.join("model.safetensors"));
+    let mut keys: Vec<&String> = init.keys().collect();
+    keys.sort();
+    for key in keys {
+        if key.ends_with("num_batches_tracked") {
+            continue; // resnet-burn writes 0: Burn's BatchNorm keeps no count
+        }
+        let start = &init[key].1;
+        let change =
+            |end: &[f32]| -> Vec<f32> { end.iter().zip(start).map(|(e, s)| e - s).collect() };
+        let error = relative_error(&change(&trained[key].1), &change(&reference[key].1));
+        // Rounding: up to 2.9e-5 (parameters) and 3.2e-6 (running statistics) on flex,
+        // ndarray and wgpu (lavapipe).
+        let tolerance = if key.contains("running") { 1e-4 } else { 1e-3 };
+        if error >= tolerance {
+            differences.push(format!("{key}: the steps' change differs by {error}"));
+        }
+    }
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+}
+
+/// `mean_dim` over rows of 65,536 values and more, as BatchNorm's statistics are at batch 64
+/// and more on 32x32 activations. On wgpu through lavapipe (Mesa 22.3.6) Burn 0.22.1 loses
+/// values there: measured on 2026-11-29, the mean of `[1, 1048576]` came out 75% low and
+/// `[4, 262144]` gave 0 for three of its four rows, where `[64, 8192]` was right (README.md,
+/// "Known issues"). Ignored until Burn fixes it; run it with `--ignored` on a new Burn or
+/// another adapter.
+#[test]
+#[ignore = "fails on wgpu through lavapipe with Burn 0.22.1: see README.md, Known issues"]
+fn long_reductions_keep_every_value() {
+    for device in [devices::flex(), devices::ndarray(), devices::wgpu()] {
+        for (rows, len) in [(1, 1 << 20), (4, 262_144), (4, 65_536), (64, 8192)] {
+            let x = crate::model::pseudo_random([rows, len, 1, 1], 7, &device)
+                .reshape([rows, len])
+                .add_scalar(3.0);
+            let all = values(x.clone());
+            let exact: Vec<f32> = all
+                .chunks(len)
+                .map(|row| (row.iter().map(|&v| v as f64).sum::<f64>() / len as f64) as f32)
+                .collect();
+            let means = values(x.mean_dim(1));
+            let error = relative_error(&means, &exact);
+            assert!(
+                error < 1e-5,
+                "{device:?}: the means of [{rows}, {len}] differ by {error}: {means:?}, exactly {exact:?}"
+            );
+        }
+    }
 }
