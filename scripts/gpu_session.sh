@@ -62,10 +62,13 @@
 # of the example, because with the `vulkan` feature CubeCL compiles SPIR-V for every Vulkan
 # adapter, `--backend wgpu` included, and that path is unproven (it crashes inside lavapipe,
 # Mesa 22.3.6, here), and the criterion benches; stripped and xz-compressed (35.3 MB from
-# a56192e, 35.4 MB from 6b97591, 4f99993 and 314f909). Measured on a fresh 2-core machine
-# whose target folder held only the tests' release build (CI's cache): 39 min, 31 of them for
-# the vulkan build, 7.6 for the rest, nearly all xz; after a change to crates/resnet-burn
-# alone, 8 min 43 s (6b97591), 6 min 56 s (4f99993) and 9 min 13 s (314f909).
+# a56192e, 35.4 MB from 6b97591, 4f99993, 314f909 and c85e7f8). The integration tests, built
+# with `vulkan`, go into .device/call3/bin/it.tar.xz (20.0 MB from c85e7f8). Measured on a
+# fresh 2-core machine whose target folder held only the tests' release build (CI's cache):
+# 39 min, 31 of them for the vulkan build, 7.6 for the rest, nearly all xz; after a change to
+# crates/resnet-burn alone, 8 min 43 s (6b97591), 6 min 56 s (4f99993) and 9 min 13 s
+# (314f909), and with the integration tests too 11 min 23 s (c85e7f8). The three calls then
+# carried 56.4, 55.1 and 57.8 MB (c85e7f8).
 set -uo pipefail
 stage=${1:?usage: gpu_session.sh prepare | 1 | probes | unpack DIR | 2 [DIR] | torch}
 
