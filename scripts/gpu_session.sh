@@ -165,6 +165,11 @@ export XDG_RUNTIME_DIR=/tmp RUST_BACKTRACE=1 PYTHONUNBUFFERED=1
 bin_for() { if [ "$1" = vulkan ]; then echo "$WORK/bin/cifar10-vulkan.stripped"; else echo "$WORK/bin/cifar10.stripped"; fi; }
 t0=$(date +%s)
 stamp() { echo "[$(($(date +%s) - t0))s] $*"; }
+# The binaries of the xz-compressed tar $1 into $WORK/bin.
+unpack_bins() {
+    python3 -c "import lzma, sys, tarfile; tarfile.open(fileobj=lzma.open(sys.argv[1])).extractall(sys.argv[2])" \
+        "$1" "$WORK/bin"
+}
 # The packed batches of folder $1 into $WORK/cifar, each checked against CIFAR10-SHA256SUMS.
 unpack_data() {
     python3 scripts/cifar10_pack.py unpack "$1/pk" "$WORK/cifar" --sums "$WORK/CIFAR10-SHA256SUMS" || exit 1
@@ -183,8 +188,7 @@ if [ "$stage" = 1 ]; then
         ldconfig
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
     fi
-    python3 -c "import lzma, sys, tarfile; tarfile.open(fileobj=lzma.open(sys.argv[1])).extractall(sys.argv[2])" \
-        .device/call1/bin/bins.tar.xz "$WORK/bin" || exit 1
+    unpack_bins .device/call1/bin/bins.tar.xz || exit 1
     cp .device/call1/CIFAR10-SHA256SUMS "$WORK/"
     unpack_data .device/call1
     for c in cubecl home; do
@@ -313,8 +317,7 @@ done
 # statistics at batch 256 are such reductions): flex, ndarray, then the GPU, a few seconds.
 it_archive=${2:-.device/call3}/bin/it.tar.xz
 if [ -f "$it_archive" ]; then
-    python3 -c "import lzma, sys, tarfile; tarfile.open(fileobj=lzma.open(sys.argv[1])).extractall(sys.argv[2])" \
-        "$it_archive" "$WORK/bin" &&
+    unpack_bins "$it_archive" &&
         timeout 60 "$WORK/bin/it-vulkan.stripped" --ignored --exact training::long_reductions_keep_every_value \
             > "$OUT/reductions.log" 2>&1
     stamp "long reductions on this GPU: exit $? ($(grep -m1 -o 'test result: [a-zA-Z]*' "$OUT/reductions.log"))"
