@@ -32,14 +32,27 @@ pub fn image(label: u8, index: usize) -> Vec<u8> {
 /// Writes a folder in the official layout with `per_file` records per batch file; record
 /// `i` of a file has label `i % 10`.
 pub fn write_fake_cifar(dir: &Path, per_file: usize) {
-    for split in [Split::Train, Split::Test] {
-        for (f, name) in split.files().iter().enumerate() {
-            let images: Vec<(u8, Vec<u8>)> = (0..per_file)
-                .map(|i| ((i % 10) as u8, image((i % 10) as u8, f * 1000 + i)))
-                .collect();
-            let bytes = encode_batch(images.iter().map(|(l, im)| (*l, im.as_slice())));
-            std::fs::write(dir.join(name), bytes).expect("write batch");
-        }
+    // The files are numbered within their split: the first test file is numbered as the first
+    // training file.
+    let train_files = Split::Train.files().len();
+    write_cifar_files(dir, per_file, |file, i| {
+        let label = (i % 10) as u8;
+        (label, image(label, (file % train_files) * 1000 + i))
+    });
+}
+
+/// Writes the six files of the official layout, training files first, `per_file` records each:
+/// `record(file, i)`, the label and the image of record `i` of the `file`-th of them.
+pub fn write_cifar_files(
+    dir: &Path,
+    per_file: usize,
+    record: impl Fn(usize, usize) -> (u8, Vec<u8>),
+) {
+    let files = Split::Train.files().iter().chain(Split::Test.files());
+    for (file, name) in files.enumerate() {
+        let images: Vec<(u8, Vec<u8>)> = (0..per_file).map(|i| record(file, i)).collect();
+        let bytes = encode_batch(images.iter().map(|(l, im)| (*l, im.as_slice())));
+        std::fs::write(dir.join(name), bytes).expect("write batch");
     }
 }
 

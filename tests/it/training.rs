@@ -19,9 +19,9 @@ use resnet_burn_examples::train::{
     Control, EpochMetrics, NonFiniteLoss, Outcome, TrainOptions, evaluate, train,
 };
 
-use crate::cifar10::{scratch, write_fake_cifar};
+use crate::cifar10::{scratch, write_cifar_files, write_fake_cifar};
 use crate::devices;
-use crate::model::{relative_error, values};
+use crate::model::{pseudo_random, relative_error, values};
 use crate::torchvision::{fixture, read_safetensors};
 
 fn tiny_options() -> TrainOptions {
@@ -699,14 +699,10 @@ fn noise_image(index: usize) -> Vec<u8> {
 /// CIFAR-10's files with 8 images each: training image `k` (record `k % 8` of
 /// `data_batch_{k / 8 + 1}`) is `noise_image(k)`, labelled `k % 10`; the test images follow.
 fn write_noise_cifar(dir: &Path) -> (Arc<Cifar10Dataset>, Arc<Cifar10Dataset>) {
-    let files = Split::Train.files().iter().chain(Split::Test.files());
-    for (f, name) in files.enumerate() {
-        let images: Vec<(u8, Vec<u8>)> = (f * 8..f * 8 + 8)
-            .map(|k| ((k % 10) as u8, noise_image(k)))
-            .collect();
-        let bytes = encode_batch(images.iter().map(|(l, im)| (*l, im.as_slice())));
-        std::fs::write(dir.join(name), bytes).expect("write batch");
-    }
+    write_cifar_files(dir, 8, |file, i| {
+        let k = file * 8 + i;
+        ((k % 10) as u8, noise_image(k))
+    });
     (
         Arc::new(Cifar10Dataset::new(dir, Split::Train).unwrap()),
         Arc::new(Cifar10Dataset::new(dir, Split::Test).unwrap()),
@@ -814,7 +810,7 @@ fn three_steps_of_the_recipe_end_as_pytorchs(device: &Device) {
 fn long_reductions_keep_every_value() {
     for device in [devices::flex(), devices::ndarray(), devices::wgpu()] {
         for (rows, len) in [(1, 1 << 20), (4, 262_144), (4, 65_536), (64, 8192)] {
-            let x = crate::model::pseudo_random([rows, len, 1, 1], 7, &device)
+            let x = pseudo_random([rows, len, 1, 1], 7, &device)
                 .reshape([rows, len])
                 .add_scalar(3.0);
             let all = values(x.clone());
