@@ -22,7 +22,7 @@
 #   stage 2 [DIR] (carry DIR, default .device/call3: batch 5 and the test batch): the rest of
 #     CIFAR-10, all of it checked against CIFAR10-SHA256SUMS; the integration tests' check of
 #     long reductions (`long_reductions_keep_every_value`, README.md "Known issues": wrong on
-#     lavapipe) on the GPU, into reductions.log; waits for the probes; ResNet-18
+#     Mesa 22.3.6's lavapipe) on the GPU, into reductions.log; waits for the probes; ResNet-18
 #     trained on the full set with the fastest choice for as many epochs as fit at its speed in
 #     $TRAIN_SECONDS, or, given LEASE_SECONDS (the device time left when the call was made), in
 #     what the lease has left less $RESERVE_SECONDS for stage torch, and in the call's 600 s;

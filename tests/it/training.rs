@@ -800,13 +800,14 @@ fn three_steps_of_the_recipe_end_as_pytorchs(device: &Device) {
 }
 
 /// `mean_dim` over rows of 65,536 values and more, as BatchNorm's statistics are at batch 64
-/// and more on 32x32 activations. On wgpu through lavapipe (Mesa 22.3.6) Burn 0.22.1 loses
-/// values there: measured on 2026-11-29, the mean of `[1, 1048576]` came out 75% low and
-/// `[4, 262144]` gave 0 for three of its four rows, where `[64, 8192]` was right (README.md,
-/// "Known issues"). Ignored until Burn fixes it; run it with `--ignored` on a new Burn or
-/// another adapter.
+/// and more on 32x32 activations. Mesa 22.3.6's lavapipe (Debian 12's, on which CI runs wgpu)
+/// loses values there: measured on 2026-11-29, the mean of `[1, 1048576]` came out 75% low and
+/// `[4, 262144]` gave 0 for three of its four rows, where `[64, 8192]` was right. The shader
+/// CubeCL compiles for it is right, and lavapipe from Mesa 25.0.7 passes (README.md, "Known
+/// issues"; `scripts/lavapipe_backport.sh`). Ignored because CI stays on Mesa 22.3.6; run it
+/// with `--ignored` on any other driver.
 #[test]
-#[ignore = "fails on wgpu through lavapipe with Burn 0.22.1: see README.md, Known issues"]
+#[ignore = "fails on Mesa 22.3.6's lavapipe, CI's wgpu driver: see README.md, Known issues"]
 fn long_reductions_keep_every_value() {
     for device in [devices::flex(), devices::ndarray(), devices::wgpu()] {
         for (rows, len) in [(1, 1 << 20), (4, 262_144), (4, 65_536), (64, 8192)] {
@@ -822,7 +823,8 @@ fn long_reductions_keep_every_value() {
             let error = relative_error(&means, &exact);
             assert!(
                 error < 1e-5,
-                "{device:?}: the means of [{rows}, {len}] differ by {error}: {means:?}, exactly {exact:?}"
+                "{device:?}: the means of [{rows}, {len}] differ by {error}: {means:?}, exactly \
+                 {exact:?} (Mesa 22.3.6's lavapipe computes these wrong: README.md, Known issues)"
             );
         }
     }
