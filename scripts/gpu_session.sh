@@ -67,8 +67,8 @@
 # fresh 2-core machine whose target folder held only the tests' release build (CI's cache):
 # 39 min, 31 of them for the vulkan build, 7.6 for the rest, nearly all xz; after a change to
 # crates/resnet-burn alone, 8 min 43 s (6b97591), 6 min 56 s (4f99993) and 9 min 13 s
-# (314f909), and with the integration tests too 11 min 23 s (c85e7f8). The three calls then
-# carried 56.4, 55.1 and 57.8 MB (c85e7f8).
+# (314f909), and with the integration tests too 11 min 23 s (c85e7f8) and 10 min 48 s after a
+# change to tests/ alone (e2c9430). The three calls then carried 56.4, 55.1 and 57.8 MB.
 set -uo pipefail
 stage=${1:?usage: gpu_session.sh prepare | 1 | probes | unpack DIR | 2 [DIR] | torch}
 
@@ -313,8 +313,8 @@ unpack_data "${2:-.device/call3}"
 for f in data_batch_1 data_batch_2 data_batch_3 data_batch_4 data_batch_5 test_batch; do
     [ -f "$WORK/cifar/$f.bin" ] || { echo "$f.bin has not arrived: run the unpack calls first"; exit 1; }
 done
-# Whether this GPU's Vulkan driver reduces long rows right (lavapipe does not; BatchNorm's
-# statistics at batch 256 are such reductions): flex, ndarray, then the GPU, a few seconds.
+# Whether this GPU's Vulkan driver reduces long rows right (Mesa 22.3.6's lavapipe does not;
+# BatchNorm's statistics at batch 256 are such reductions): flex, ndarray, then the GPU.
 it_archive=${2:-.device/call3}/bin/it.tar.xz
 if [ -f "$it_archive" ]; then
     unpack_bins "$it_archive" &&
