@@ -1,10 +1,13 @@
 //! The host kernels as Burn backend extensions, which give them Burn's tensors: on flex they
 //! read the storage in place, on ndarray they read a copy.
 //!
-//! - [`CpuTraining`]: the convolution alone ([`Im2col::forward`]) and BatchNorm with the
-//!   batch's statistics ([`Planes::forward`]); on `Autodiff` over a CPU backend each records
-//!   its own backward step ([`Im2col::backward`], [`Planes::backward`]) instead of Burn's
-//!   generic ones (a transposed convolution; BatchNorm's elementwise passes);
+//! - [`CpuTraining`]: the convolution alone ([`Im2col::forward`], or Winograd's
+//!   [`forward`](super::winograd::Winograd::forward) where [`Im2col::winograd`] applies) and
+//!   BatchNorm with the batch's statistics ([`Planes::forward`]); on `Autodiff` over a CPU
+//!   backend each records its own backward step ([`Im2col::backward`], or Winograd's
+//!   [`input_grad`](super::winograd::Winograd::input_grad) and
+//!   [`weight_grad`](super::winograd::Winograd::weight_grad); [`Planes::backward`]) instead
+//!   of Burn's generic ones (a transposed convolution; BatchNorm's elementwise passes);
 //! - [`CpuInference`], inference only: the convolution followed by an [`Affine`] map
 //!   (BatchNorm with running statistics), the residual and ReLU, applied to each image's
 //!   output right after its product; and max pooling.
@@ -175,6 +178,20 @@ fn geometry<B: Backend>(
         .expect("the caller checked the convolution's geometry")
 }
 
+/// The convolution of the images `x` by `weight`, with `epilogue(i, out)` on each image's
+/// output: by Winograd's F(2x2, 3x3) where [`Im2col::winograd`] says so, else im2col.
+fn convolve(
+    geometry: &Im2col,
+    x: &[f32],
+    weight: &[f32],
+    epilogue: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    match geometry.winograd() {
+        Some(winograd) => winograd.forward(x, &winograd.weight(weight), epilogue),
+        None => geometry.forward(x, weight, epilogue),
+    }
+}
+
 fn conv<B: HostTensors>(
     x: FloatTensor<B>,
     weight: FloatTensor<B>,
@@ -183,7 +200,7 @@ fn conv<B: HostTensors>(
 ) -> FloatTensor<B> {
     let geometry = geometry::<B>(&x, &weight, stride, padding);
     let (x, weight) = (B::host(x), B::host(weight));
-    let out = geometry.forward(x.values(), weight.values(), |_, _| {});
+    let out = convolve(&geometry, x.values(), weight.values(), |_, _| {});
     B::from_host(out, &geometry.out_shape())
 }
 
@@ -201,7 +218,7 @@ fn conv_affine<B: HostTensors>(
     let residual = residual.as_ref().map(Host::values);
     let pixels = geometry.pixels();
     let out_image = geometry.out_channels() * pixels;
-    let out = geometry.forward(x.values(), weight.values(), |i, out| {
+    let out = convolve(&geometry, x.values(), weight.values(), |i, out| {
         let residual = residual.map(|r| &r[i * out_image..(i + 1) * out_image]);
         affine.apply(out, residual, pixels);
     });
@@ -335,13 +352,20 @@ impl<B: HostTensors> Backward<B, 2> for Im2colConvBackward {
         } = ops.state;
         let geometry = geometry::<B>(&x, &weight, stride, padding);
         let (x, weight) = (B::host(x), B::host(weight));
-        let (x_grad, weight_grad) = geometry.backward(
-            x.values(),
-            weight.values(),
-            grad.values(),
-            x_node.is_some(),
-            weight_node.is_some(),
-        );
+        let (x, weight, grad) = (x.values(), weight.values(), grad.values());
+        let (want_x, want_weight) = (x_node.is_some(), weight_node.is_some());
+        let (x_grad, weight_grad) = match geometry.winograd() {
+            Some(winograd) => {
+                let x_grad = want_x.then(|| winograd.input_grad(grad, weight));
+                let weight_grad = if want_weight && winograd.weight_grad_pays() {
+                    Some(winograd.weight_grad(x, grad))
+                } else {
+                    geometry.backward(x, weight, grad, false, want_weight).1
+                };
+                (x_grad, weight_grad)
+            }
+            None => geometry.backward(x, weight, grad, want_x, want_weight),
+        };
         if let (Some(node), Some(x_grad)) = (x_node, x_grad) {
             grads.register::<B>(node.id, B::from_host(x_grad, &geometry.in_shape()));
         }
