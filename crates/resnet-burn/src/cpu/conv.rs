@@ -39,7 +39,7 @@ use super::pool::MaxPool;
 
 /// Training, with gradients on `Autodiff`:
 ///
-/// - `im2col_conv2d`: a bias-free, ungrouped, undilated 2-d convolution with symmetric
+/// - `host_conv2d`: a bias-free, ungrouped, undilated 2-d convolution with symmetric
 ///   padding. Callers check the geometry with [`Im2col::new`] and the dtype (f32) first: the
 ///   implementations treat anything else as a bug.
 /// - `batch_norm_train_planes`: BatchNorm with the batch's statistics; the output, and each
@@ -51,7 +51,7 @@ use super::pool::MaxPool;
     Autodiff
 )]
 pub trait CpuTraining: Backend {
-    fn im2col_conv2d(
+    fn host_conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         stride: [usize; 2],
@@ -71,7 +71,7 @@ pub trait CpuTraining: Backend {
 /// pooling, where [`MaxPool::new`] accepts the geometry.
 #[backend_extension(Flex: cfg(feature = "flex"), NdArray: cfg(feature = "ndarray"))]
 pub trait CpuInference: Backend {
-    fn im2col_conv2d_affine(
+    fn host_conv2d_affine(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         stride: [usize; 2],
@@ -79,7 +79,7 @@ pub trait CpuInference: Backend {
         affine: Affine,
     ) -> FloatTensor<Self>;
 
-    fn im2col_conv2d_affine_residual(
+    fn host_conv2d_affine_residual(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         residual: FloatTensor<Self>,
@@ -268,7 +268,7 @@ fn batch_norm_train<B: HostTensors>(
 macro_rules! on_host {
     ($backend:ty) => {
         impl CpuTraining for $backend {
-            fn im2col_conv2d(
+            fn host_conv2d(
                 x: FloatTensor<Self>,
                 weight: FloatTensor<Self>,
                 stride: [usize; 2],
@@ -288,7 +288,7 @@ macro_rules! on_host {
         }
 
         impl CpuInference for $backend {
-            fn im2col_conv2d_affine(
+            fn host_conv2d_affine(
                 x: FloatTensor<Self>,
                 weight: FloatTensor<Self>,
                 stride: [usize; 2],
@@ -298,7 +298,7 @@ macro_rules! on_host {
                 conv_affine::<Self>(x, weight, None, stride, padding, &affine)
             }
 
-            fn im2col_conv2d_affine_residual(
+            fn host_conv2d_affine_residual(
                 x: FloatTensor<Self>,
                 weight: FloatTensor<Self>,
                 residual: FloatTensor<Self>,
@@ -336,9 +336,9 @@ struct Saved<B: Backend> {
 }
 
 #[derive(Debug)]
-struct Im2colConvBackward;
+struct HostConvBackward;
 
-impl<B: HostTensors> Backward<B, 2> for Im2colConvBackward {
+impl<B: HostTensors> Backward<B, 2> for HostConvBackward {
     type State = Saved<B>;
 
     fn backward(self, ops: Ops<Saved<B>, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -429,7 +429,7 @@ impl<B: HostTensors> Backward<B, 3> for BatchNormBackward {
 }
 
 impl<B: HostTensors + CpuTraining, C: CheckpointStrategy> CpuTraining for Autodiff<B, C> {
-    fn im2col_conv2d(
+    fn host_conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         stride: [usize; 2],
@@ -437,13 +437,13 @@ impl<B: HostTensors + CpuTraining, C: CheckpointStrategy> CpuTraining for Autodi
     ) -> FloatTensor<Self> {
         let nodes = [x.node(), weight.node()];
         let (x, weight) = (x.into_primitive(), weight.into_primitive());
-        match Im2colConvBackward
+        match HostConvBackward
             .prepare::<C>(nodes)
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let out = B::im2col_conv2d(x.clone(), weight.clone(), stride, padding);
+                let out = B::host_conv2d(x.clone(), weight.clone(), stride, padding);
                 let saved = Saved {
                     x,
                     weight,
@@ -452,7 +452,7 @@ impl<B: HostTensors + CpuTraining, C: CheckpointStrategy> CpuTraining for Autodi
                 };
                 prep.finish(saved, out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::im2col_conv2d(x, weight, stride, padding)),
+            OpsKind::UnTracked(prep) => prep.finish(B::host_conv2d(x, weight, stride, padding)),
         }
     }
 

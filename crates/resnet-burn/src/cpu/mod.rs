@@ -73,7 +73,7 @@ fn applies(conv: &Conv2d, x: &Tensor<4>) -> Option<Im2col> {
 /// `conv(x)`, through im2col + gemm where it applies (in training too), else Burn's.
 pub(crate) fn conv(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     match applies(conv, &x) {
-        Some(geometry) => Tensor::from_dispatch(<Dispatch as CpuTraining>::im2col_conv2d(
+        Some(geometry) => Tensor::from_dispatch(<Dispatch as CpuTraining>::host_conv2d(
             x.into_dispatch(),
             conv.weight.val().into_dispatch(),
             geometry.stride(),
@@ -106,10 +106,8 @@ pub(crate) fn fused(
     let (x, weight) = (x.clone().into_dispatch(), conv.weight.val().into_dispatch());
     let (stride, padding) = (im2col.stride(), im2col.padding());
     Some(Tensor::from_dispatch(match residual {
-        None => {
-            <Dispatch as CpuInference>::im2col_conv2d_affine(x, weight, stride, padding, affine)
-        }
-        Some(residual) => <Dispatch as CpuInference>::im2col_conv2d_affine_residual(
+        None => <Dispatch as CpuInference>::host_conv2d_affine(x, weight, stride, padding, affine),
+        Some(residual) => <Dispatch as CpuInference>::host_conv2d_affine_residual(
             x,
             weight,
             residual.clone().into_dispatch(),
