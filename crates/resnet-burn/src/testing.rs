@@ -1,8 +1,8 @@
 //! What the unit tests share: the devices they run on and how they compare tensors.
 
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use rand::SeedableRng;
 use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 
 /// Every backend compiled in, and whether it is a GPU backend (wgpu on the default adapter:
 /// lavapipe, on the CPU, in CI).
@@ -45,4 +45,25 @@ pub(crate) fn seeded_normal<const D: usize>(
     let mut rng = StdRng::seed_from_u64(seed);
     let data = TensorData::random::<f32, _, _>(dims, Distribution::Normal(0.0, 1.0), &mut rng);
     Tensor::from_data(data, device)
+}
+
+/// Values in [-1, 1) drawn from `seed`, for the host kernels.
+#[cfg(any(feature = "flex", feature = "ndarray"))]
+pub(crate) fn seeded_values(len: usize, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
+}
+
+/// Asserts that each value of `got` is within 1e-5 of `want`'s largest magnitude (or of 1)
+/// of the value of `want` at the same place.
+#[cfg(any(feature = "flex", feature = "ndarray"))]
+pub(crate) fn assert_values_close(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-5 * scale,
+            "{what}[{i}]: {g} against {w}"
+        );
+    }
 }

@@ -630,25 +630,7 @@ impl<'a> Dst<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::rngs::StdRng;
-    use rand::{RngExt, SeedableRng};
-
-    /// Values in [-1, 1) drawn from `seed`.
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut rng = StdRng::seed_from_u64(seed);
-        (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
-    }
-
-    fn assert_close(what: &str, got: &[f32], want: &[f32]) {
-        assert_eq!(got.len(), want.len(), "{what}: length");
-        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (g - w).abs() <= 1e-5 * scale,
-                "{what}[{i}]: {g} against {w} image by image"
-            );
-        }
-    }
+    use crate::testing::{assert_values_close, seeded_values as values};
 
     /// The backward in panels of every size, against the same images one at a time: the
     /// im2col matrices and gradients side by side, a last panel shorter than the others
@@ -678,13 +660,13 @@ mod tests {
             let (input_want, weight_want) = run(1);
             for span in 2..=batch + 1 {
                 let (input_got, weight_got) = run(span);
-                let case = format!("{geometry:?} in panels of {span}");
-                assert_close(
+                let case = format!("{geometry:?} in panels of {span}, against one by one");
+                assert_values_close(
                     &format!("input gradient of {case}"),
                     &input_got,
                     &input_want,
                 );
-                assert_close(
+                assert_values_close(
                     &format!("weight gradient of {case}"),
                     &weight_got,
                     &weight_want,

@@ -541,13 +541,8 @@ impl Winograd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::rngs::StdRng;
-    use rand::{RngExt, SeedableRng};
-
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut rng = StdRng::seed_from_u64(seed);
-        (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
-    }
+    use crate::cpu::im2col::Im2col;
+    use crate::testing::{assert_values_close as assert_close, seeded_values as values};
 
     /// The direct convolution, in f64.
     fn direct(g: &Winograd, x: &[f32], weight: &[f32]) -> Vec<f32> {
@@ -578,17 +573,6 @@ mod tests {
         out
     }
 
-    fn assert_close(what: &str, got: &[f32], want: &[f32]) {
-        assert_eq!(got.len(), want.len(), "{what}: length");
-        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (g - w).abs() <= 1e-5 * scale,
-                "{what}[{i}]: {g} against {w}"
-            );
-        }
-    }
-
     #[test]
     fn matches_the_direct_convolution() {
         // batch, channels, height, width, out channels: odd sides, one pixel, panels.
@@ -607,9 +591,10 @@ mod tests {
         }
     }
 
-    /// The weight's gradient against im2col's (`grad x im2col(x)^T`).
+    /// Both gradients against im2col's kernels: the input's as the adjoint of im2col (with
+    /// col2im), the weight's as `grad x im2col(x)^T`.
     #[test]
-    fn weight_gradient_matches_im2col() {
+    fn gradients_match_im2col() {
         for (n, c, h, w, o) in [
             (2, 3, 5, 5, 4),
             (3, 2, 4, 7, 3),
@@ -618,43 +603,21 @@ mod tests {
             (9, 4, 6, 3, 5),
         ] {
             let g = Winograd::new(n, c, h, w, o);
-            let im = crate::cpu::im2col::Im2col::new([n, c, h, w], [o, c, 3, 3], [1, 1], [1, 1])
-                .expect("a valid geometry");
+            let im =
+                Im2col::new([n, c, h, w], [o, c, 3, 3], [1, 1], [1, 1]).expect("a valid geometry");
             let x = values(n * g.image_len(), 1);
             let weight = values(o * c * 9, 2);
             let grad = values(n * g.out_image_len(), 3);
-            let (_, want) = im.backward(&x, &weight, &grad, false, true);
-            let got = g.weight_grad(&x, &grad);
-            assert_close(
-                &format!("weight gradient of {g:?}"),
-                &got,
-                &want.expect("asked for"),
-            );
-        }
-    }
-
-    /// The input gradient through the transposed convolution, against im2col's (the
-    /// adjoint of im2col, with col2im).
-    #[test]
-    fn input_gradient_matches_im2col() {
-        for (n, c, h, w, o) in [
-            (2, 3, 5, 5, 4),
-            (3, 2, 4, 7, 3),
-            (1, 1, 1, 1, 1),
-            (40, 5, 4, 4, 2),
-        ] {
-            let g = Winograd::new(n, c, h, w, o);
-            let im = crate::cpu::im2col::Im2col::new([n, c, h, w], [o, c, 3, 3], [1, 1], [1, 1])
-                .expect("a valid geometry");
-            let x = values(n * g.image_len(), 1);
-            let weight = values(o * c * 9, 2);
-            let grad = values(n * g.out_image_len(), 3);
-            let (want, _) = im.backward(&x, &weight, &grad, true, false);
-            let got = g.input_grad(&grad, &weight);
+            let (input_want, weight_want) = im.backward(&x, &weight, &grad, true, true);
             assert_close(
                 &format!("input gradient of {g:?}"),
-                &got,
-                &want.expect("asked for"),
+                &g.input_grad(&grad, &weight),
+                &input_want.expect("asked for"),
+            );
+            assert_close(
+                &format!("weight gradient of {g:?}"),
+                &g.weight_grad(&x, &grad),
+                &weight_want.expect("asked for"),
             );
         }
     }
@@ -673,7 +636,6 @@ mod tests {
     #[test]
     #[ignore = "a measurement: run it with --nocapture"]
     fn speed_against_im2col() {
-        use crate::cpu::im2col::Im2col;
         use std::time::Instant;
 
         let batch = std::env::var("BATCH").map_or(64, |b| b.parse().expect("BATCH: a number"));
