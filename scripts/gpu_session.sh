@@ -67,8 +67,9 @@
 # fresh 2-core machine whose target folder held only the tests' release build (CI's cache):
 # 39 min, 31 of them for the vulkan build, 7.6 for the rest, nearly all xz; after a change to
 # crates/resnet-burn alone, 8 min 43 s (6b97591), 6 min 56 s (4f99993) and 9 min 13 s
-# (314f909), and with the integration tests too 11 min 23 s (c85e7f8) and 10 min 48 s after a
-# change to tests/ alone (e2c9430). The three calls then carried 56.4, 55.1 and 57.8 MB.
+# (314f909), and with the integration tests too 11 min 23 s (c85e7f8), 10 min 48 s after a
+# change to tests/ alone (e2c9430) and 11 min 56 s after changes to crates/resnet-burn
+# (a9a4ac6). The three calls then carried 56.5, 55.1 and 57.9 MB.
 set -uo pipefail
 stage=${1:?usage: gpu_session.sh prepare | 1 | probes | unpack DIR | 2 [DIR] | torch}
 
