@@ -22,8 +22,8 @@ const PANEL_COLUMNS: usize = 256;
 /// The fewest channels, in and out, for which [`Im2col::winograd`] computes a 3x3
 /// convolution: its products are over the input channels (the output channels for the input's
 /// gradient), and with few of them the transforms cost more than they save. Measured on 64
-/// images (`speed_against_im2col` in `winograd.rs`), Winograd ran at 0.35-0.6x im2col's speed
-/// on CIFAR-10's stem (3 channels) and at 1.04-2.2x with 16.
+/// images (`speed_against_im2col` in `winograd.rs`), Winograd ran at 0.43-0.6x im2col's speed
+/// on CIFAR-10's stem (3 channels) and at 1.08-2.1x with 16.
 const WINOGRAD_CHANNELS: usize = 16;
 
 /// The fewest output pixels over the batch for which [`Im2col::winograd`] computes a 3x3

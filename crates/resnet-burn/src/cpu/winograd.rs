@@ -21,8 +21,9 @@ const PANEL_TILES: usize = 256;
 
 /// The output pixels a thread from which [`Winograd::weight_grad`] beats im2col's
 /// product. Measured with `speed_against_im2col` on 2 cores, on 1,024 pixels (512 a thread)
-/// it ran at 1.04-1.2x im2col's speed (64 to 512 channels), on 784 at 0.75-1.05x, on 196-392
-/// at 0.4-0.76x, and on 3,136 or more at 1.3-1.8x.
+/// it ran at 1.04-1.23x im2col's speed (64 to 512 channels), on 784 at 0.75-1.05x, on 196-392
+/// at 0.5-0.76x, and on 3,136 or more at 1.27-1.84x (0.96x on one image of 3,136, where only
+/// the products are parallel).
 const GRADIENT_PIXELS_PER_THREAD: usize = 512;
 
 /// Positions of a transformed 4x4 block.
@@ -151,6 +152,12 @@ impl Winograd {
         assert_eq!(grad.len(), self.batch * out_image, "gradient of {self:?}");
         let threads = rayon::current_num_threads().max(1);
         let per_group = self.batch.div_ceil(threads);
+        // Fewer images than threads: each product is parallel.
+        let parallelism = if self.batch >= threads {
+            gemm::Parallelism::None
+        } else {
+            gemm::Parallelism::Rayon(0)
+        };
         let span = self.panel_images();
         let groups: Vec<Vec<f32>> = x
             .par_chunks(per_group * image)
@@ -193,7 +200,7 @@ impl Winograd {
                                 false,
                                 false,
                                 false,
-                                gemm::Parallelism::None,
+                                parallelism,
                             );
                         }
                     }
