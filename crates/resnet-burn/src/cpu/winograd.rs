@@ -7,7 +7,8 @@
 //! the channels, and each 2x2 output block is transformed back (`A^T m A`). The products take
 //! 16 multiplications a 2x2 block where the direct convolution takes 36.
 //!
-//! The products are the `gemm` crate's; the transforms run on whole rows. Images are shared
+//! The products are the `gemm` crate's. The transforms compute eight blocks at a time, in
+//! AVX2 vectors where the CPU has them (in SSE2 ones elsewhere on x86-64). Images are shared
 //! between threads in panels of a size fixed by the geometry and the number of threads, and
 //! the weight's gradient sums the threads' parts in order, so the results are the same on
 //! every run.
@@ -33,6 +34,173 @@ const POSITIONS: usize = 16;
 /// 0], [0, 1/2, 1/2, 1]]`.
 fn block_side(a: f32, b: f32, c: f32, d: f32) -> [f32; 3] {
     [a + 0.5 * (b + c), 0.5 * (b - c), 0.5 * (b + c) + d]
+}
+
+/// Blocks the transforms compute at once, in vectors: one of AVX2, two of SSE2.
+const LANES: usize = 8;
+
+/// One value of [`LANES`] blocks.
+type Lane = [f32; LANES];
+
+// The lanes' arithmetic and the transforms below avoid `std::array::from_fn` and `map`,
+// which the compiler does not always inline into the AVX2 copies of the transforms.
+
+#[inline(always)]
+fn add(mut a: Lane, b: Lane) -> Lane {
+    for (a, b) in a.iter_mut().zip(b) {
+        *a += b;
+    }
+    a
+}
+
+#[inline(always)]
+fn sub(mut a: Lane, b: Lane) -> Lane {
+    for (a, b) in a.iter_mut().zip(b) {
+        *a -= b;
+    }
+    a
+}
+
+#[inline(always)]
+fn neg(mut a: Lane) -> Lane {
+    for a in &mut a {
+        *a = -*a;
+    }
+    a
+}
+
+/// A transform of [`LANES`] blocks at once, in place, from `IN` values a block to `OUT`, for
+/// [`map_columns`]. (A trait, not a closure, and in place: so the compiler inlines it into
+/// the AVX2 copies of the transforms and keeps the values in registers.)
+trait Blocks {
+    const IN: usize;
+    const OUT: usize;
+    fn blocks(values: &mut [Lane; POSITIONS]);
+}
+
+/// `t B`, given `t = B^T d` (`t[4 k + s]`: row `k`, column `s`); `B^T` in
+/// [`Winograd::transform_input`].
+struct InputColumns;
+
+impl Blocks for InputColumns {
+    const IN: usize = POSITIONS;
+    const OUT: usize = POSITIONS;
+
+    #[inline(always)]
+    fn blocks(values: &mut [Lane; POSITIONS]) {
+        for row in values.chunks_exact_mut(4) {
+            let [t0, t1, t2, t3] = [row[0], row[1], row[2], row[3]];
+            row[0] = sub(t0, t2);
+            row[1] = add(t1, t2);
+            row[2] = sub(t2, t1);
+            row[3] = sub(t1, t3);
+        }
+    }
+}
+
+/// `A^T m A`: the four pixels of each 2x2 output block, top left, top right, bottom left,
+/// bottom right.
+struct OutputColumns;
+
+impl Blocks for OutputColumns {
+    const IN: usize = POSITIONS;
+    const OUT: usize = 4;
+
+    #[inline(always)]
+    fn blocks(m: &mut [Lane; POSITIONS]) {
+        // A^T m: two rows of four; then A on the right.
+        let (mut a, mut b) = ([[0.0; LANES]; 4], [[0.0; LANES]; 4]);
+        for l in 0..4 {
+            a[l] = add(add(m[l], m[4 + l]), m[8 + l]);
+            b[l] = sub(sub(m[4 + l], m[8 + l]), m[12 + l]);
+        }
+        m[0] = add(add(a[0], a[1]), a[2]);
+        m[1] = sub(sub(a[1], a[2]), a[3]);
+        m[2] = add(add(b[0], b[1]), b[2]);
+        m[3] = sub(sub(b[1], b[2]), b[3]);
+    }
+}
+
+/// `A dY A^T` of 2x2 blocks (top left, top right, bottom left, bottom right), the adjoint
+/// of [`OutputColumns`].
+struct GradColumns;
+
+impl Blocks for GradColumns {
+    const IN: usize = 4;
+    const OUT: usize = POSITIONS;
+
+    #[inline(always)]
+    fn blocks(z: &mut [Lane; POSITIONS]) {
+        let [e0, o0, e1, o1] = [z[0], z[1], z[2], z[3]];
+        // A dY: rows r0, r0 + r1, r0 - r1, -r1 (left and right columns apart) ...
+        let rows = [
+            (e0, o0),
+            (add(e0, e1), add(o0, o1)),
+            (sub(e0, e1), sub(o0, o1)),
+            (neg(e1), neg(o1)),
+        ];
+        // ... then A^T on the right: columns e, e + o, e - o, -o.
+        for (z, (e, o)) in z.chunks_exact_mut(4).zip(rows) {
+            z[0] = e;
+            z[1] = add(e, o);
+            z[2] = sub(e, o);
+            z[3] = neg(o);
+        }
+    }
+}
+
+/// Runs `B` on each column of `rows` (`[16][columns]`, read from its first `B::IN` rows,
+/// written to its first `B::OUT`), [`LANES`] columns at a time, the last ones padded.
+#[inline(always)]
+fn map_columns<B: Blocks>(rows: &mut [f32], columns: usize) {
+    let mut lanes = [[0.0; LANES]; POSITIONS];
+    let full = columns - columns % LANES;
+    for start in (0..full).step_by(LANES) {
+        for (r, lane) in lanes[..B::IN].iter_mut().enumerate() {
+            *lane = *rows[r * columns + start..]
+                .first_chunk()
+                .expect("rows of `columns` values");
+        }
+        B::blocks(&mut lanes);
+        for (r, lane) in lanes[..B::OUT].iter().enumerate() {
+            *rows[r * columns + start..]
+                .first_chunk_mut()
+                .expect("rows of `columns` values") = *lane;
+        }
+    }
+    let rest = columns - full;
+    if rest > 0 {
+        lanes = [[0.0; LANES]; POSITIONS];
+        for (r, lane) in lanes[..B::IN].iter_mut().enumerate() {
+            lane[..rest].copy_from_slice(&rows[r * columns + full..][..rest]);
+        }
+        B::blocks(&mut lanes);
+        for (r, lane) in lanes[..B::OUT].iter().enumerate() {
+            rows[r * columns + full..][..rest].copy_from_slice(&lane[..rest]);
+        }
+    }
+}
+
+/// Defines a method of [`Winograd`] that runs another, `#[inline(always)]` one, compiled for
+/// AVX2 where the CPU has it (this crate is built for baseline x86-64, whose SSE2 vectors are
+/// half as wide). The instructions are the same but for their width, so the results are
+/// too.
+macro_rules! with_avx2 {
+    ($(#[$doc:meta])* fn $name:ident(&self $(, $arg:ident: $ty:ty)*) => $body:ident) => {
+        $(#[$doc])*
+        fn $name(&self $(, $arg: $ty)*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                #[target_feature(enable = "avx2")]
+                fn avx2(this: &Winograd $(, $arg: $ty)*) {
+                    this.$body($($arg),*)
+                }
+                // SAFETY: the CPU has AVX2, checked just above.
+                return unsafe { avx2(self $(, $arg)*) };
+            }
+            self.$body($($arg),*)
+        }
+    };
 }
 
 /// `G g G^T` of a 3x3 kernel `g` (row-major), row-major: `G = [[1, 0, 0], [1/2, 1/2, 1/2],
@@ -368,176 +536,154 @@ impl Winograd {
         out
     }
 
-    /// The transformed input blocks of the images `x`, `[channels][16][images * tiles]`:
-    /// `B^T d B`, `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`.
-    ///
-    /// Each plane is copied with its padding (a zero row and column before, and after as
-    /// many as make whole blocks) into its even and its odd columns, so that both halves of
-    /// the transform run on contiguous rows, which the compiler vectorizes.
-    fn transform_input(&self, x: &[f32], v: &mut [f32]) {
+    with_avx2! {
+        /// The transformed input blocks of the images `x`, `[channels][16][images * tiles]`:
+        /// `B^T d B`, `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`.
+        ///
+        /// Each plane is copied with its padding (a zero row and column before, and after as
+        /// many as make whole blocks) into its even and its odd columns, so that a block
+        /// row's values at one position of its blocks are contiguous. `B^T d` is computed
+        /// from those rows into `v`, and `. B` in place, [`LANES`] blocks at a time.
+        fn transform_input(&self, x: &[f32], v: &mut [f32]) => input_rows
+    }
+
+    #[inline(always)]
+    fn input_rows(&self, x: &[f32], v: &mut [f32]) {
         let (h, w) = (self.height, self.width);
         let (th, tw) = (self.tiles_high(), self.tiles_wide());
         let columns = x.len() / self.image_len() * self.tiles();
-        // Padded column `x + 1` of image column `x`: even ones in `even`, odd ones in `odd`,
-        // `tw + 1` of each a row. The padding is never written, so it stays zero.
+        // Padded column `x + 1` of image column `x`: even ones in `planes[0]`, odd ones in
+        // `planes[1]`, `tw + 1` of each a row. The padding is never written, so it stays zero.
         let half = tw + 1;
-        let mut even = vec![0f32; (2 * th + 2) * half];
-        let mut odd = vec![0f32; (2 * th + 2) * half];
-        let mut scratch = vec![0f32; 8 * half];
+        let mut planes = [0, 1].map(|_| vec![0f32; (2 * th + 2) * half]);
         for (c, v) in v.chunks_exact_mut(POSITIONS * columns).enumerate() {
             for (i, image) in x.chunks_exact(self.image_len()).enumerate() {
-                let plane = &image[c * h * w..][..h * w];
-                for (y, src) in plane.chunks_exact(w).enumerate() {
+                let [even, odd] = &mut planes;
+                for (y, src) in image[c * h * w..][..h * w].chunks_exact(w).enumerate() {
                     let (e, o) = (
                         &mut even[(y + 1) * half..][..half],
                         &mut odd[(y + 1) * half..][..half],
                     );
-                    for (k, pair) in src.chunks(2).enumerate() {
-                        o[k] = pair[0];
-                        if let Some(&next) = pair.get(1) {
-                            e[k + 1] = next;
-                        }
+                    let (pairs, last) = src.as_chunks::<2>();
+                    for (&[a, b], (o, e)) in pairs.iter().zip(o.iter_mut().zip(&mut e[1..])) {
+                        *o = a;
+                        *e = b;
+                    }
+                    if let [last] = *last {
+                        o[pairs.len()] = last;
                     }
                 }
+                // Column `s` of block `tx` is column `tx + s / 2` of plane `s % 2`; row `r`
+                // of block row `ty` is the planes' row `2 ty + r`.
                 for ty in 0..th {
-                    // B^T d: the block's four rows combined, even and odd columns apart.
-                    let (re, ro) = scratch.split_at_mut(4 * half);
-                    for (plane, out) in [(&even, re), (&odd, ro)] {
-                        let d = |k: usize| &plane[(2 * ty + k) * half..][..half];
-                        let (d0, d1, d2, d3) = (d(0), d(1), d(2), d(3));
-                        let (r0, rest) = out.split_at_mut(half);
-                        let (r1, rest) = rest.split_at_mut(half);
-                        let (r2, r3) = rest.split_at_mut(half);
-                        for j in 0..half {
-                            r0[j] = d0[j] - d2[j];
-                            r1[j] = d1[j] + d2[j];
-                            r2[j] = d2[j] - d1[j];
-                            r3[j] = d1[j] - d3[j];
-                        }
-                    }
-                    // ... then B on the right: block `tx` has columns e[tx], o[tx], e[tx + 1],
-                    // o[tx + 1].
                     let first = i * th * tw + ty * tw;
-                    let (re, ro) = scratch.split_at(4 * half);
-                    for k in 0..4 {
-                        let e = &re[k * half..][..half];
-                        let o = &ro[k * half..][..half];
-                        let (e0, e1, o0, o1) = (&e[..tw], &e[1..], &o[..tw], &o[1..]);
-                        let row = |l: usize| (k * 4 + l) * columns + first;
-                        let (v0, v1, v2, v3) = (row(0), row(1), row(2), row(3));
-                        for (dst, (a, b)) in v[v0..][..tw].iter_mut().zip(e0.iter().zip(e1)) {
-                            *dst = a - b;
-                        }
-                        for (dst, (a, b)) in v[v1..][..tw].iter_mut().zip(o0.iter().zip(e1)) {
-                            *dst = a + b;
-                        }
-                        for (dst, (a, b)) in v[v2..][..tw].iter_mut().zip(e1.iter().zip(o0)) {
-                            *dst = a - b;
-                        }
-                        for (dst, (a, b)) in v[v3..][..tw].iter_mut().zip(o0.iter().zip(o1)) {
-                            *dst = a - b;
+                    for s in 0..4 {
+                        let d = |r: usize| &planes[s % 2][(2 * ty + r) * half + s / 2..][..tw];
+                        let (d0, d1, d2, d3) = (d(0), d(1), d(2), d(3));
+                        // B^T d: row k of the block at position (k, s).
+                        let rows = [
+                            (d0, d2, false),
+                            (d1, d2, true),
+                            (d2, d1, false),
+                            (d1, d3, false),
+                        ];
+                        for (k, (a, b, sum)) in rows.into_iter().enumerate() {
+                            let dst = &mut v[(4 * k + s) * columns + first..][..tw];
+                            if sum {
+                                for (dst, (a, b)) in dst.iter_mut().zip(a.iter().zip(b)) {
+                                    *dst = a + b;
+                                }
+                            } else {
+                                for (dst, (a, b)) in dst.iter_mut().zip(a.iter().zip(b)) {
+                                    *dst = a - b;
+                                }
+                            }
                         }
                     }
                 }
             }
+            map_columns::<InputColumns>(v, columns);
         }
     }
 
-    /// The transformed output gradients of a panel's images (NCHW),
-    /// `[out_channels][16][images * tiles]`: `A dY A^T` of each 2x2 block (zero past the
-    /// image's edge), the adjoint of [`Self::transform_output`].
-    fn transform_grad(&self, grad: &[f32], z: &mut [f32]) {
+    with_avx2! {
+        /// The transformed output gradients of a panel's images (NCHW),
+        /// `[out_channels][16][images * tiles]`: `A dY A^T` of each 2x2 block (zero past the
+        /// image's edge), the adjoint of [`Self::transform_output`]. Each block's four pixels
+        /// are copied into `z`'s first four rows, and transformed in place, [`LANES`] blocks at
+        /// a time.
+        fn transform_grad(&self, grad: &[f32], z: &mut [f32]) => grad_rows
+    }
+
+    #[inline(always)]
+    fn grad_rows(&self, grad: &[f32], z: &mut [f32]) {
         let (h, w) = (self.height, self.width);
         let (th, tw) = (self.tiles_high(), self.tiles_wide());
         let plane = h * w;
         let columns = grad.len() / self.out_image_len() * self.tiles();
-        // Each block row's two pixel rows, even and odd columns apart (zero past the edge).
-        let mut halves = vec![0f32; 4 * tw];
         for (o, z) in z.chunks_exact_mut(POSITIONS * columns).enumerate() {
             for (i, image) in grad.chunks_exact(self.out_image_len()).enumerate() {
                 let dy = &image[o * plane..][..plane];
                 for ty in 0..th {
-                    halves.fill(0.0);
-                    let (top, bottom) = halves.split_at_mut(2 * tw);
-                    for (row, half) in [(2 * ty, top), (2 * ty + 1, bottom)] {
-                        if row >= h {
+                    let first = i * th * tw + ty * tw;
+                    // Rows 0 and 1 of `z` take the block row's top pixels (left, right), rows
+                    // 2 and 3 its bottom ones; zero past the edge.
+                    for (k, y) in [(0, 2 * ty), (2, 2 * ty + 1)] {
+                        let (left, right) = z[k * columns..].split_at_mut(columns);
+                        let (left, right) = (&mut left[first..][..tw], &mut right[first..][..tw]);
+                        if y >= h {
+                            left.fill(0.0);
+                            right.fill(0.0);
                             continue;
                         }
-                        let (even, odd) = half.split_at_mut(tw);
-                        for (k, pair) in dy[row * w..][..w].chunks(2).enumerate() {
-                            even[k] = pair[0];
-                            odd[k] = pair.get(1).copied().unwrap_or(0.0);
+                        let (pairs, last) = dy[y * w..][..w].as_chunks::<2>();
+                        for (&[a, b], (l, r)) in pairs.iter().zip(left.iter_mut().zip(&mut *right))
+                        {
+                            *l = a;
+                            *r = b;
                         }
-                    }
-                    let (e0, o0) = halves[..2 * tw].split_at(tw);
-                    let (e1, o1) = halves[2 * tw..].split_at(tw);
-                    let first = i * th * tw + ty * tw;
-                    // A dY: rows r0, r0 + r1, r0 - r1, -r1; then A^T on the right: columns
-                    // e, e + o, e - o, -o.
-                    for t in 0..tw {
-                        let rows = [
-                            (e0[t], o0[t]),
-                            (e0[t] + e1[t], o0[t] + o1[t]),
-                            (e0[t] - e1[t], o0[t] - o1[t]),
-                            (-e1[t], -o1[t]),
-                        ];
-                        for (k, (e, od)) in rows.into_iter().enumerate() {
-                            let at = (k * 4) * columns + first + t;
-                            z[at] = e;
-                            z[at + columns] = e + od;
-                            z[at + 2 * columns] = e - od;
-                            z[at + 3 * columns] = -od;
+                        if let [last] = *last {
+                            left[pairs.len()] = last;
+                            right[pairs.len()] = 0.0;
                         }
                     }
                 }
             }
+            map_columns::<GradColumns>(z, columns);
         }
     }
 
-    /// The panel's outputs (NCHW) from the products `m`,
-    /// `[out_channels][16][images * tiles]`: `A^T m A`, `A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]`,
-    /// a row of blocks at a time.
-    fn transform_output(&self, m: &[f32], out: &mut [MaybeUninit<f32>]) {
+    with_avx2! {
+        /// The panel's outputs (NCHW) from the products `m`,
+        /// `[out_channels][16][images * tiles]`: `A^T m A`, `A^T = [[1, 1, 1, 0], [0, 1, -1,
+        /// -1]]`, [`LANES`] blocks at a time into `m`'s first four rows (top left, top right,
+        /// bottom left and bottom right pixels), from which the pixels are copied into place.
+        fn transform_output(&self, m: &mut [f32], out: &mut [MaybeUninit<f32>]) => output_rows
+    }
+
+    #[inline(always)]
+    fn output_rows(&self, m: &mut [f32], out: &mut [MaybeUninit<f32>]) {
         let (h, w) = (self.height, self.width);
         let (th, tw) = (self.tiles_high(), self.tiles_wide());
         let plane = h * w;
         let columns = out.len() / self.out_image_len() * self.tiles();
-        // The four pixels of each block of a row: top left, top right, bottom left, bottom
-        // right.
-        let mut pixels = vec![0f32; 4 * tw];
-        for (o, m) in m.chunks_exact(POSITIONS * columns).enumerate() {
+        for (o, m) in m.chunks_exact_mut(POSITIONS * columns).enumerate() {
+            map_columns::<OutputColumns>(m, columns);
             for (i, image) in out.chunks_exact_mut(self.out_image_len()).enumerate() {
                 let dst = &mut image[o * plane..][..plane];
-                for ty in 0..th {
-                    let first = i * th * tw + ty * tw;
-                    let p: [&[f32]; POSITIONS] =
-                        std::array::from_fn(|p| &m[p * columns + first..][..tw]);
-                    let (top, bottom) = pixels.split_at_mut(2 * tw);
-                    let (y00, y01) = top.split_at_mut(tw);
-                    let (y10, y11) = bottom.split_at_mut(tw);
-                    for t in 0..tw {
-                        // A^T m: two rows of four; then A on the right.
-                        let a: [f32; 4] =
-                            std::array::from_fn(|l| p[l][t] + p[4 + l][t] + p[8 + l][t]);
-                        let b: [f32; 4] =
-                            std::array::from_fn(|l| p[4 + l][t] - p[8 + l][t] - p[12 + l][t]);
-                        y00[t] = a[0] + a[1] + a[2];
-                        y01[t] = a[1] - a[2] - a[3];
-                        y10[t] = b[0] + b[1] + b[2];
-                        y11[t] = b[1] - b[2] - b[3];
+                for (y, dst) in dst.chunks_exact_mut(w).enumerate() {
+                    // Rows 0 and 1 of `m` hold the top pixels of the blocks, 2 and 3 the bottom.
+                    let k = 2 * (y % 2);
+                    let first = i * th * tw + y / 2 * tw;
+                    let left = &m[k * columns + first..][..tw];
+                    let right = &m[(k + 1) * columns + first..][..tw];
+                    let (pairs, last) = dst.as_chunks_mut::<2>();
+                    for ([a, b], (l, r)) in pairs.iter_mut().zip(left.iter().zip(right)) {
+                        a.write(*l);
+                        b.write(*r);
                     }
-                    let y = 2 * ty;
-                    for (row, (left, right)) in [(y, (&*y00, &*y01)), (y + 1, (&*y10, &*y11))] {
-                        if row >= h {
-                            continue;
-                        }
-                        let dst = &mut dst[row * w..][..w];
-                        for (pair, (l, r)) in dst.chunks_mut(2).zip(left.iter().zip(right)) {
-                            pair[0].write(*l);
-                            if let Some(second) = pair.get_mut(1) {
-                                second.write(*r);
-                            }
-                        }
+                    if let [last] = last {
+                        last.write(left[pairs.len()]);
                     }
                 }
             }
