@@ -68,8 +68,10 @@
 # 39 min, 31 of them for the vulkan build, 7.6 for the rest, nearly all xz; after a change to
 # crates/resnet-burn alone, 8 min 43 s (6b97591), 6 min 56 s (4f99993) and 9 min 13 s
 # (314f909), and with the integration tests too 11 min 23 s (c85e7f8), 10 min 48 s after a
-# change to tests/ alone (e2c9430) and 11 min 56 s after changes to crates/resnet-burn
-# (a9a4ac6). The three calls then carried 56.5, 55.1 and 57.9 MB.
+# change to tests/ alone (e2c9430), 11 min 56 s after changes to crates/resnet-burn
+# (a9a4ac6) and 11 min 1 s (fa4d7ba). The three calls then carried 56.6, 55.1 and 57.9 MB.
+# CARGO_TARGET_DIR must be the folder the tests were built in: without it, cargo builds from
+# nothing into ./target (a run killed after 30 minutes, still in the vulkan build, 2026-11-29).
 set -uo pipefail
 stage=${1:?usage: gpu_session.sh prepare | 1 | probes | unpack DIR | 2 [DIR] | torch}
 
