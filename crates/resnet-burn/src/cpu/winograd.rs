@@ -555,7 +555,8 @@ impl Winograd {
         // Padded column `x + 1` of image column `x`: even ones in `planes[0]`, odd ones in
         // `planes[1]`, `tw + 1` of each a row. The padding is never written, so it stays zero.
         let half = tw + 1;
-        let mut planes = [0, 1].map(|_| vec![0f32; (2 * th + 2) * half]);
+        let len = (2 * th + 2) * half;
+        let mut planes = [vec![0f32; len], vec![0f32; len]];
         for (c, v) in v.chunks_exact_mut(POSITIONS * columns).enumerate() {
             for (i, image) in x.chunks_exact(self.image_len()).enumerate() {
                 let [even, odd] = &mut planes;
