@@ -58,12 +58,19 @@ pub(crate) fn seeded_values(len: usize, seed: u64) -> Vec<f32> {
 /// of the value of `want` at the same place.
 #[cfg(any(feature = "flex", feature = "ndarray"))]
 pub(crate) fn assert_values_close(what: &str, got: &[f32], want: &[f32]) {
+    assert_values_within(what, got, want, 1e-5);
+}
+
+/// Asserts that each value of `got` is within `tolerance` times `want`'s largest magnitude
+/// (or 1) of the value of `want` at the same place.
+#[cfg(any(feature = "flex", feature = "ndarray"))]
+pub(crate) fn assert_values_within(what: &str, got: &[f32], want: &[f32], tolerance: f32) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert!(
-            (g - w).abs() <= 1e-5 * scale,
-            "{what}[{i}]: {g} against {w}"
+            (g - w).abs() <= tolerance * scale,
+            "{what}[{i}]: {g} against {w}, more than {tolerance} x {scale} apart"
         );
     }
 }

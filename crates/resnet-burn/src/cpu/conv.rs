@@ -179,7 +179,7 @@ fn geometry<B: Backend>(
 }
 
 /// The convolution of the images `x` by `weight`, with `epilogue(i, out)` on each image's
-/// output: by Winograd's F(2x2, 3x3) where [`Im2col::winograd`] says so, else im2col.
+/// output: by Winograd's minimal filtering where [`Im2col::winograd`] says so, else im2col.
 fn convolve(
     geometry: &Im2col,
     x: &[f32],

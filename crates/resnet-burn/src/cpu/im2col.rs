@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 
-use super::winograd::Winograd;
+use super::winograd::{Algorithm, Winograd};
 use crate::geometry::{is_plain, output_size};
 
 /// The output pixels a product of the backward is given at least, where images are small:
@@ -32,6 +32,15 @@ const WINOGRAD_CHANNELS: usize = 16;
 /// 0.36x im2col's speed on 16 pixels (one 4x4 image), 0.58x on 64, 1.0-1.2x on 196-256 and
 /// 1.3-1.5x on 1,024; 256 channels at 0.82x on 64, 1.1-1.2x on 256-392.
 const WINOGRAD_PIXELS: usize = 256;
+
+/// The smallest image side (height and width) for which [`Im2col::winograd`] takes
+/// F(4x4, 3x3) rather than F(2x2, 3x3). Measured with `speed_against_im2col` (2 cores, twice),
+/// F(4x4, 3x3) ran the forward and the input's gradient 1.3-1.6x as fast as F(2x2, 3x3) on 64
+/// images of 16 to 256 channels from 32x32 to 8x8, and 0.9-1.5x on 8 ImageNet images of 56x56
+/// to 14x14; but 0.55-0.75x on 512 channels of 4x4 and 0.4-0.5x on 512 of 7x7, where the
+/// weight's transform, 36 values a kernel where F(2x2, 3x3) has 16, costs more than the
+/// products save.
+const WINOGRAD_4_SIDE: usize = 8;
 
 /// The geometry of one convolution computed as im2col + gemm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,10 +150,11 @@ impl Im2col {
         self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
     }
 
-    /// The same convolution by Winograd's F(2x2, 3x3), where that applies and is the faster:
-    /// 3x3 kernels of stride 1 and padding 1 with at least [`WINOGRAD_CHANNELS`] channels in
-    /// and out and [`WINOGRAD_PIXELS`] output pixels over the batch. (Its weight's gradient
-    /// asks for more: [`Winograd::weight_grad_pays`].)
+    /// The same convolution by Winograd's minimal filtering, where that applies and is the
+    /// faster: 3x3 kernels of stride 1 and padding 1 with at least [`WINOGRAD_CHANNELS`]
+    /// channels in and out and [`WINOGRAD_PIXELS`] output pixels over the batch; by
+    /// F(4x4, 3x3) on images of [`WINOGRAD_4_SIDE`] pixels a side or more, else by
+    /// F(2x2, 3x3). (Its weight's gradient asks for more: [`Winograd::weight_grad_pays`].)
     pub(crate) fn winograd(&self) -> Option<Winograd> {
         (self.kernel == [3, 3]
             && self.stride == [1, 1]
@@ -152,6 +162,11 @@ impl Im2col {
             && self.channels.min(self.out_channels) >= WINOGRAD_CHANNELS
             && self.batch * self.pixels() >= WINOGRAD_PIXELS)
             .then(|| {
+                let algorithm = if self.height.min(self.width) >= WINOGRAD_4_SIDE {
+                    Algorithm::F4
+                } else {
+                    Algorithm::F2
+                };
                 Winograd::new(
                     self.batch,
                     self.channels,
@@ -159,6 +174,7 @@ impl Im2col {
                     self.width,
                     self.out_channels,
                 )
+                .with_algorithm(algorithm)
             })
     }
 
@@ -681,17 +697,37 @@ mod tests {
             Im2col::new([batch, c, side, side], [o, c, k, k], [s, s], [p, p])
                 .expect("a valid geometry")
                 .winograd()
-                .is_some()
+                .map(|winograd| winograd.algorithm())
         };
-        assert!(winograd(64, 64, 64, 3, 1, 1, 32), "ResNet-18's first stage");
-        assert!(winograd(64, 512, 512, 3, 1, 1, 4), "its last: 1,024 pixels");
-        assert!(winograd(16, 512, 512, 3, 1, 1, 4), "256 pixels");
-        assert!(winograd(5, 16, 24, 3, 1, 1, 15), "the case of cpu::tests");
-        assert!(!winograd(64, 3, 64, 3, 1, 1, 32), "CIFAR-10's stem");
-        assert!(!winograd(64, 64, 128, 3, 2, 1, 32), "stride 2");
-        assert!(!winograd(64, 64, 64, 1, 1, 0, 32), "pointwise");
-        assert!(
-            !winograd(4, 512, 512, 3, 1, 1, 7),
+        let (f2, f4) = (Some(Algorithm::F2), Some(Algorithm::F4));
+        assert_eq!(
+            winograd(64, 64, 64, 3, 1, 1, 32),
+            f4,
+            "ResNet-18's first stage"
+        );
+        assert_eq!(winograd(64, 256, 256, 3, 1, 1, 8), f4, "its third");
+        assert_eq!(
+            winograd(64, 512, 512, 3, 1, 1, 4),
+            f2,
+            "its last: 1,024 pixels"
+        );
+        assert_eq!(winograd(16, 512, 512, 3, 1, 1, 4), f2, "256 pixels");
+        assert_eq!(
+            winograd(8, 512, 512, 3, 1, 1, 7),
+            f2,
+            "ResNet-50's last, 392 pixels"
+        );
+        assert_eq!(
+            winograd(5, 16, 24, 3, 1, 1, 15),
+            f4,
+            "the case of cpu::tests"
+        );
+        assert_eq!(winograd(64, 3, 64, 3, 1, 1, 32), None, "CIFAR-10's stem");
+        assert_eq!(winograd(64, 64, 128, 3, 2, 1, 32), None, "stride 2");
+        assert_eq!(winograd(64, 64, 64, 1, 1, 0, 32), None, "pointwise");
+        assert_eq!(
+            winograd(4, 512, 512, 3, 1, 1, 7),
+            None,
             "ResNet-50's last stage, 196 pixels"
         );
     }

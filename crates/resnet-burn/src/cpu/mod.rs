@@ -11,8 +11,9 @@
 //! in_channels * k * k]`, the weight tensor as it is) with the `gemm` crate that flex uses
 //! too, images in parallel; the backward is the two transposed products and col2im. A 3x3
 //! convolution of stride 1 and padding 1 with 16 channels or more and enough pixels goes
-//! through F(2x2, 3x3) instead, forward and backward, which takes 2.25 times fewer
-//! multiplications ([`im2col::Im2col::winograd`]).
+//! through Winograd's minimal filtering instead, forward and backward: F(2x2, 3x3), which
+//! takes 2.25 times fewer multiplications, and on images of 8x8 or more F(4x4, 3x3) in the
+//! forward and the input's gradient, 4 times fewer ([`im2col::Im2col::winograd`]).
 //!
 //! - In inference ([`fused`]), BatchNorm (running statistics), the residual and ReLU are
 //!   applied to each output channel while the output is in cache.
