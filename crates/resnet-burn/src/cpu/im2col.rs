@@ -35,11 +35,13 @@ const WINOGRAD_PIXELS: usize = 256;
 
 /// The smallest image side (height and width) for which [`Im2col::winograd`] takes
 /// F(4x4, 3x3) rather than F(2x2, 3x3). Measured with `speed_against_im2col` (2 cores, twice),
-/// F(4x4, 3x3) ran the forward and the input's gradient 1.3-1.6x as fast as F(2x2, 3x3) on 64
-/// images of 16 to 256 channels from 32x32 to 8x8, and 0.9-1.5x on 8 ImageNet images of 56x56
-/// to 14x14; but 0.55-0.75x on 512 channels of 4x4 and 0.4-0.5x on 512 of 7x7, where the
-/// weight's transform, 36 values a kernel where F(2x2, 3x3) has 16, costs more than the
-/// products save.
+/// F(4x4, 3x3) ran the forward and the input's gradient 1.1-1.9x as fast as F(2x2, 3x3) on 64
+/// images of 16 to 256 channels from 32x32 to 8x8, and 0.95-2.0x on 8 ImageNet images of
+/// 56x56 to 14x14; but 0.6-0.7x on 512 channels of 4x4 and 0.5-0.55x on 512 of 7x7, where the
+/// weight's transform costs more than the products save: 36 values a kernel where
+/// F(2x2, 3x3) has 16, 38 MB at 512 channels, which glibc maps afresh each time (above its
+/// 32 MiB threshold) and the kernel faults in page by page (27 ms a transform, where
+/// F(2x2, 3x3)'s 17 MB took 3 ms, in a throwaway timing).
 const WINOGRAD_4_SIDE: usize = 8;
 
 /// The geometry of one convolution computed as im2col + gemm.

@@ -267,9 +267,9 @@ impl Blocks<POSITIONS_4> for InputColumns4 {
 }
 
 /// `A^T m A` of F(4x4, 3x3): the 16 pixels of each 4x4 output block, row by row.
-struct OutputBlocks4;
+struct OutputColumns4;
 
-impl Blocks<POSITIONS_4> for OutputBlocks4 {
+impl Blocks<POSITIONS_4> for OutputColumns4 {
     const IN: usize = POSITIONS_4;
     const OUT: usize = 16;
 
@@ -480,41 +480,47 @@ impl Winograd {
     }
 
     /// The gradient of this convolution's OIHW weight, given its input `x` and its output's
-    /// gradient `grad` (NCHW both): the adjoint of the forward, `G^T [sum over blocks of
-    /// (A dY A^T) * (B^T d B)] G`, where the sum is 16 products over the blocks (2.25 times
-    /// fewer multiplications than im2col's product).
+    /// gradient `grad` (NCHW both), by F(2x2, 3x3) whichever [`Algorithm`] the forward
+    /// takes: the adjoint of the forward, `G^T [sum over blocks of (A dY A^T) * (B^T d B)] G`,
+    /// where the sum is 16 products over the blocks (2.25 times fewer multiplications than
+    /// im2col's product).
     ///
     /// Images are shared between threads in fixed groups, whose partial sums are added in
     /// order: the result is the same on every run.
     pub(crate) fn weight_grad(&self, x: &[f32], grad: &[f32]) -> Vec<f32> {
-        let f2 = self.with_algorithm(Algorithm::F2);
-        let (image, out_image) = (f2.image_len(), f2.out_image_len());
-        let (c, o) = (f2.channels, f2.out_channels);
-        assert_eq!(x.len(), f2.batch * image, "input of {f2:?}");
-        assert_eq!(grad.len(), f2.batch * out_image, "gradient of {f2:?}");
+        self.with_algorithm(Algorithm::F2).weight_grad_2(x, grad)
+    }
+
+    /// [`Self::weight_grad`], this convolution being F(2x2, 3x3)'s.
+    fn weight_grad_2(&self, x: &[f32], grad: &[f32]) -> Vec<f32> {
+        debug_assert_eq!(self.algorithm, Algorithm::F2);
+        let (image, out_image) = (self.image_len(), self.out_image_len());
+        let (c, o) = (self.channels, self.out_channels);
+        assert_eq!(x.len(), self.batch * image, "input of {self:?}");
+        assert_eq!(grad.len(), self.batch * out_image, "gradient of {self:?}");
         let threads = rayon::current_num_threads().max(1);
-        let per_group = f2.batch.div_ceil(threads);
+        let per_group = self.batch.div_ceil(threads);
         // Fewer images than threads: each product is parallel.
-        let parallelism = if f2.batch >= threads {
+        let parallelism = if self.batch >= threads {
             gemm::Parallelism::None
         } else {
             gemm::Parallelism::Rayon(0)
         };
-        let span = f2.panel_images();
+        let span = self.panel_images();
         let groups: Vec<Vec<f32>> = x
             .par_chunks(per_group * image)
             .zip(grad.par_chunks(per_group * out_image))
             .map(|(x, grad)| {
                 // `[out_channels][16][channels]`, as the transformed weight.
                 let mut sums = vec![0f32; o * POSITIONS * c];
-                let most = span * f2.tiles() * POSITIONS;
+                let most = span * self.tiles() * POSITIONS;
                 let (mut v, mut z) = (vec![0f32; c * most], vec![0f32; o * most]);
                 for (x, grad) in x.chunks(span * image).zip(grad.chunks(span * out_image)) {
-                    let columns = x.len() / image * f2.tiles();
+                    let columns = x.len() / image * self.tiles();
                     let v = &mut v[..c * POSITIONS * columns];
                     let z = &mut z[..o * POSITIONS * columns];
-                    f2.transform_input(x, v);
-                    f2.transform_grad(grad, z);
+                    self.transform_input(x, v);
+                    self.transform_grad(grad, z);
                     for p in 0..POSITIONS {
                         // sums[., p, .] += z[., p, .] x v[., p, .]^T
                         // SAFETY: `sums` is `out_channels` rows of 16 * `channels`, `z`
@@ -689,10 +695,11 @@ impl Winograd {
                 self.transform_input(x, v);
                 for p in 0..positions {
                     // m[., p, .] = u[., p, .] x v[., p, .]
-                    // SAFETY: `m` is `out_channels` rows of `positions` * `columns`, `u` `out_channels` rows
-                    // of `positions` * `channels` and `v` `channels` rows of `positions` * `columns` (lengths
-                    // checked above); position `p` is `columns` (`channels`) values at `p *
-                    // columns` (`p * channels`) of each row, inside it.
+                    // SAFETY: `m` is `out_channels` rows of `positions` * `columns`, `u`
+                    // `out_channels` rows of `positions` * `channels` and `v` `channels` rows of
+                    // `positions` * `columns` (lengths checked above); position `p` is `columns`
+                    // (`channels`) values at `p * columns` (`p * channels`) of each row, inside
+                    // it.
                     unsafe {
                         gemm::gemm(
                             self.out_channels,
@@ -859,11 +866,11 @@ impl Winograd {
                         &mut p3[row..][..=n],
                     );
                     let d0 = &mut p0[row + 1..][..n];
-                    for (j, &[a, b, c, d]) in quads.iter().enumerate() {
-                        d1[j] = a;
-                        d2[j] = b;
-                        d3[j] = c;
-                        d0[j] = d;
+                    for (j, &[x0, x1, x2, x3]) in quads.iter().enumerate() {
+                        d1[j] = x0;
+                        d2[j] = x1;
+                        d3[j] = x2;
+                        d0[j] = x3;
                     }
                     for (dst, &value) in [d1, d2, d3].into_iter().zip(last) {
                         dst[n] = value;
@@ -1007,7 +1014,7 @@ impl Winograd {
         let plane = h * w;
         let columns = out.len() / self.out_image_len() * self.tiles();
         for (o, m) in m.chunks_exact_mut(POSITIONS_4 * columns).enumerate() {
-            map_columns::<OutputBlocks4, POSITIONS_4>(m, columns);
+            map_columns::<OutputColumns4, POSITIONS_4>(m, columns);
             for (i, image) in out.chunks_exact_mut(self.out_image_len()).enumerate() {
                 let dst = &mut image[o * plane..][..plane];
                 for (y, dst) in dst.chunks_exact_mut(w).enumerate() {
