@@ -959,78 +959,50 @@ impl Winograd {
 
     with_avx2! {
         /// The panel's outputs (NCHW) from the products `m`,
-        /// `[out_channels][positions][images * tiles]`: `A^T m A` ([`Self::output_rows_2`],
-        /// [`Self::output_rows_4`]).
+        /// `[out_channels][positions][images * tiles]`: `A^T m A` ([`Self::output_rows_n`]).
         fn transform_output(&self, m: &mut [f32], out: &mut [MaybeUninit<f32>]) => output_rows
     }
 
     #[inline(always)]
     fn output_rows(&self, m: &mut [f32], out: &mut [MaybeUninit<f32>]) {
         match self.algorithm {
-            Algorithm::F2 => self.output_rows_2(m, out),
-            Algorithm::F4 => self.output_rows_4(m, out),
+            Algorithm::F2 => self.output_rows_n::<OutputColumns, POSITIONS, 2>(m, out),
+            Algorithm::F4 => self.output_rows_n::<OutputColumns4, POSITIONS_4, 4>(m, out),
         }
     }
 
-    /// [`Self::transform_output`] of F(2x2, 3x3): `A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]`,
-    /// [`LANES`] blocks at a time into `m`'s first four rows (top left, top right, bottom left
-    /// and bottom right pixels), from which the pixels are copied into place.
+    /// [`Self::transform_output`] of F(2x2, 3x3), `A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]`
+    /// ([`OutputColumns`]), or of F(4x4, 3x3) ([`OutputColumns4`], [`output_side_4`]),
+    /// `SIDE` the output blocks' side: [`LANES`] blocks at a time into `m`'s first
+    /// `SIDE * SIDE` rows (the blocks' pixels, row by row), from which the pixels are copied
+    /// into place.
     #[inline(always)]
-    fn output_rows_2(&self, m: &mut [f32], out: &mut [MaybeUninit<f32>]) {
+    fn output_rows_n<B: Blocks<N>, const N: usize, const SIDE: usize>(
+        &self,
+        m: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
+    ) {
         let (h, w) = (self.height, self.width);
         let (th, tw) = (self.tiles_high(), self.tiles_wide());
         let plane = h * w;
         let columns = out.len() / self.out_image_len() * self.tiles();
-        for (o, m) in m.chunks_exact_mut(POSITIONS * columns).enumerate() {
-            map_columns::<OutputColumns, POSITIONS>(m, columns);
+        for (o, m) in m.chunks_exact_mut(N * columns).enumerate() {
+            map_columns::<B, N>(m, columns);
             for (i, image) in out.chunks_exact_mut(self.out_image_len()).enumerate() {
                 let dst = &mut image[o * plane..][..plane];
                 for (y, dst) in dst.chunks_exact_mut(w).enumerate() {
-                    // Rows 0 and 1 of `m` hold the top pixels of the blocks, 2 and 3 the bottom.
-                    let k = 2 * (y % 2);
-                    let first = i * th * tw + y / 2 * tw;
-                    let left = &m[k * columns + first..][..tw];
-                    let right = &m[(k + 1) * columns + first..][..tw];
-                    let (pairs, last) = dst.as_chunks_mut::<2>();
-                    for ([a, b], (l, r)) in pairs.iter_mut().zip(left.iter().zip(right)) {
-                        a.write(*l);
-                        b.write(*r);
-                    }
-                    if let [last] = last {
-                        last.write(left[pairs.len()]);
-                    }
-                }
-            }
-        }
-    }
-
-    /// [`Self::transform_output`] of F(4x4, 3x3) ([`output_side_4`]), [`LANES`] blocks at a
-    /// time into `m`'s first 16 rows (the blocks' pixels, row by row), from which the pixels
-    /// are copied into place.
-    #[inline(always)]
-    fn output_rows_4(&self, m: &mut [f32], out: &mut [MaybeUninit<f32>]) {
-        let (h, w) = (self.height, self.width);
-        let (th, tw) = (self.tiles_high(), self.tiles_wide());
-        let plane = h * w;
-        let columns = out.len() / self.out_image_len() * self.tiles();
-        for (o, m) in m.chunks_exact_mut(POSITIONS_4 * columns).enumerate() {
-            map_columns::<OutputColumns4, POSITIONS_4>(m, columns);
-            for (i, image) in out.chunks_exact_mut(self.out_image_len()).enumerate() {
-                let dst = &mut image[o * plane..][..plane];
-                for (y, dst) in dst.chunks_exact_mut(w).enumerate() {
-                    // Rows 4 k to 4 k + 3 of `m` hold row `k` of the blocks' pixels.
-                    let first = i * th * tw + y / 4 * tw;
-                    let pixels = |l: usize| &m[(4 * (y % 4) + l) * columns + first..][..tw];
-                    let (quads, last) = dst.as_chunks_mut::<4>();
-                    let (p0, p1, p2, p3) = (pixels(0), pixels(1), pixels(2), pixels(3));
-                    for (j, [a, b, c, d]) in quads.iter_mut().enumerate() {
-                        a.write(p0[j]);
-                        b.write(p1[j]);
-                        c.write(p2[j]);
-                        d.write(p3[j]);
+                    // Rows `SIDE k` to `SIDE k + SIDE - 1` of `m` hold row `k` of the blocks'
+                    // pixels.
+                    let first = i * th * tw + y / SIDE * tw;
+                    let pixels = |l: usize| &m[(SIDE * (y % SIDE) + l) * columns + first..][..tw];
+                    let (blocks, last) = dst.as_chunks_mut::<SIDE>();
+                    for l in 0..SIDE {
+                        for (block, value) in blocks.iter_mut().zip(pixels(l)) {
+                            block[l].write(*value);
+                        }
                     }
                     for (l, value) in last.iter_mut().enumerate() {
-                        value.write(pixels(l)[quads.len()]);
+                        value.write(pixels(l)[blocks.len()]);
                     }
                 }
             }
