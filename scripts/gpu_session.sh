@@ -104,8 +104,8 @@ if [ "$stage" = prepare ]; then
     head=$(git rev-parse HEAD)
     # The binaries are named by the commit they are built from: its sources, uncommitted
     # changes none. They are built again where HEAD's sources differ from that commit's (not
-    # for a change of scripts or docs).
-    sources="Cargo.toml Cargo.lock crates src examples benches tests"
+    # for a change of scripts or docs, or of the results kept in benches/results).
+    sources="Cargo.toml Cargo.lock crates src examples benches tests :!benches/results"
     git diff --quiet HEAD -- $sources || { echo "commit the changes to $sources first"; exit 1; }
     built=$(cat .device/BUILT_FROM 2>/dev/null)
     if [ ! -f .device/call1/bin/bins.tar.xz ] || [ ! -f .device/call3/bin/it.tar.xz ] || [ -z "$built" ] ||
