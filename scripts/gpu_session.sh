@@ -52,6 +52,8 @@
 #   4. bash scripts/gpu_session.sh torch                                                     240
 # then give_back. Put the cache-*.tar.xz of call 4 into .device/cache for the next lease (an
 # ignored folder: it lasts as long as this checkout, and a fresh machine starts without it).
+# Only cache-cubecl.tar.xz fits (82 KB on 2026-11-29): cache-home.tar.xz, NVIDIA's shader
+# cache (10.5 MB), takes call 1 over 64 MiB beside the binaries, which prepare refuses.
 #
 # What the calls carry is made here (x86-64 like the GPU machine), before the lease, by
 #   bash scripts/gpu_session.sh prepare
