@@ -8,7 +8,7 @@
 //! (`A^T m A`). The products take 16 multiplications a 2x2 block where the direct
 //! convolution takes 36. F(4x4, 3x3) does the same with 4x4 output blocks and 6x6 input
 //! ones: 36 multiplications where the direct convolution takes 144, for transforms with more
-//! terms and a rounding error about 7 times larger (still below 1e-5 of the output's
+//! terms and a rounding error 7 to 9 times larger (still below 1e-5 of the output's
 //! magnitude; `rounding_error_on_resnet_layers`). The forward and the input's gradient use
 //! either ([`Algorithm`]); the weight's gradient F(2x2, 3x3).
 //!
@@ -24,9 +24,10 @@ use std::mem::MaybeUninit;
 /// The output pixels a panel's products are given at least, where images are small: several
 /// images side by side. 256 blocks of F(2x2, 3x3), 64 of F(4x4, 3x3), whose transformed
 /// blocks hold 2.25 values a pixel where F(2x2, 3x3)'s hold 4. With 256 blocks of
-/// F(4x4, 3x3) instead, its forward took 1.4-1.7x as long on 64 images of 64 channels of
-/// 32x32 to 256 of 8x8, in two rounds of three (the same in the third; 2 cores, whose L2
-/// caches hold 512 KiB, the fastest of 9 runs, timed by a throwaway test).
+/// F(4x4, 3x3) instead, its forward (72a9cf0's transforms) took 1.4-1.7x as long on 64
+/// images of 64 channels of 32x32 to 256 of 8x8, in two rounds of three (the same in the
+/// third; 2 cores, whose L2 caches hold 512 KiB, the fastest of 9 runs, timed by a throwaway
+/// test).
 const PANEL_PIXELS: usize = 1024;
 
 /// The output pixels a thread from which [`Winograd::weight_grad`] beats im2col's
