@@ -43,10 +43,18 @@ LAYERS = [
     "maxpool3x3_s2_64_32px",
     "conv3x3_64_32px_forward_backward",
 ]
-# benches/layers.rs measures these a second time on GPU backends as `<case>_im2col`
-# (resnet_burn::conv2d with GpuConv::Im2col), against the same PyTorch figure.
-IM2COL = [name for name in LAYERS if name.startswith("conv3x3")]
 LAYER_BATCH = 64
+
+
+def cpu_model():
+    """The CPU's model name, as lscpu prints it."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 def target_dir():
@@ -69,7 +77,7 @@ def main():
 
     layers = args.bench == "layers"
     if layers:
-        cases = [case for name in LAYERS for case in [name] + [f"{name}_im2col"] * (name in IM2COL)]
+        cases = LAYERS
     else:
         cases = args.cases.split(",")
     backends = args.backends.split(",")
@@ -97,7 +105,7 @@ def main():
         group, name = case.split("/")
         if name not in cases:
             continue
-        reference = torch_results["cases"].get(case.removesuffix("_im2col"))
+        reference = torch_results["cases"].get(case)
         for backend in backends:
             estimates = criterion / group / name / backend / "new" / "estimates.json"
             if not estimates.exists():
@@ -108,7 +116,7 @@ def main():
             torch_figure = f"{reference:.1f}" if reference else "-"
             rows.append(f"| {case} | {backend} | {burn:.1f} | {torch_figure} | {ratio} |")
     table = "\n".join(rows)
-    print(f"\nPyTorch {torch_results['torch']} on {torch_results['device']}, {torch_results['threads']} threads\n")
+    print(f"\nPyTorch {torch_results['torch']} on {torch_results['device']}, {torch_results['threads']} threads; CPU: {cpu_model()}\n")
     print(table)
     if args.markdown:
         pathlib.Path(args.markdown).write_text(table + "\n")

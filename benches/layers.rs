@@ -8,13 +8,10 @@
 //! autodiff; plus forward and backward of the first stage's 3x3 convolution on the autodiff
 //! device. Ids are `layer/<case>/<backend>`; `$BENCH_BACKENDS` selects backends.
 //!
-//! On the GPU backends (wgpu, cuda) every 3x3 convolution case is measured a second time as
-//! `<case>_im2col`: through [`resnet_burn::conv2d`] with [`GpuConv::Im2col`], this crate's
-//! alternative to Burn's direct kernel. On the CPU backends (flex, ndarray) every
-//! convolution case is measured a second time as `<case>_train`: forward and backward
-//! through [`resnet_burn::conv2d`] on the autodiff device, the crate's training kernels as
-//! `ResNet` runs them; its inference kernels, fused with BatchNorm, are measured with the
-//! whole network in `benches/resnet.rs`.
+//! On the CPU backends (flex, ndarray) every convolution case is measured a second time as
+//! `<case>_train`: forward and backward through [`burn_cpu_kernels::conv2d`] on the autodiff
+//! device, the training kernels as `ResNet` runs them; the inference kernels, fused with
+//! BatchNorm, are measured with the whole network in `benches/resnet.rs`.
 
 use std::time::Duration;
 
@@ -23,8 +20,8 @@ use burn::nn::pool::MaxPool2dConfig;
 use burn::nn::{BatchNormConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Distribution, Tensor};
+use burn_cpu_kernels::conv2d;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use resnet_burn::{GpuConv, conv2d, set_gpu_conv};
 use resnet_burn_examples::bench::backends;
 
 const BATCH: usize = 64;
@@ -94,11 +91,6 @@ fn layers(c: &mut Criterion) {
             let layer = conv(channels, out, kernel, stride, &device);
             let x = input(channels, side, &device);
             bench(name, &mut || layer.forward(x.clone()));
-            if gpu && kernel > 1 {
-                set_gpu_conv(GpuConv::Im2col);
-                bench(&format!("{name}_im2col"), &mut || conv2d(&layer, x.clone()));
-                set_gpu_conv(GpuConv::Burn);
-            }
         }
         let x = input(64, 32, &device);
         let norm = BatchNormConfig::new(64).init(&device);
@@ -117,15 +109,9 @@ fn layers(c: &mut Criterion) {
         bench("conv3x3_64_32px_forward_backward", &mut || {
             forward_backward(&layer, &x, |x| layer.forward(x))
         });
-        if gpu {
-            set_gpu_conv(GpuConv::Im2col);
-            bench("conv3x3_64_32px_forward_backward_im2col", &mut || {
-                forward_backward(&layer, &x, |x| conv2d(&layer, x))
-            });
-            set_gpu_conv(GpuConv::Burn);
-        } else {
-            // Every convolution as `ResNet` trains it on the CPU backends: resnet-burn's
-            // kernels, forward and backward.
+        if !gpu {
+            // Every convolution as `ResNet` trains it on the CPU backends: burn-cpu-kernels',
+            // forward and backward.
             for (name, channels, out, kernel, stride, side) in CONVS {
                 let layer = conv(channels, out, kernel, stride, &autodiff);
                 let x = input(channels, side, &autodiff).require_grad();

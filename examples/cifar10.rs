@@ -9,14 +9,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use burn::tensor::{DType, Device, DeviceKind};
+use burn::tensor::{Device, DeviceKind};
 use cifar10_burn::{Cifar10Dataset, Split};
 use clap::Parser;
-use resnet_burn::{
-    GpuConv, GpuPrecision, ResNetConfig, gpu_precision, set_gpu_conv, set_gpu_precision,
-};
+use resnet_burn::{Precision, ResNetConfig};
 use resnet_burn_examples::train::{Control, Outcome, TrainOptions, train};
 
 /// One device of `--backend`.
@@ -123,7 +122,7 @@ struct Args {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// CIFAR-10: the cifar-10-batches-bin folder, its parent, or cifar-10-binary.tar.gz.
-    /// Default: $CIFAR10_DIR, else the cache folder ($CIFAR10_CACHE or ~/.cache/cifar10-burn),
+    /// Default: $CIFAR10_DIR, else the cache folder ($XDG_CACHE_HOME/cifar10-burn or ~/.cache/cifar10-burn),
     /// downloading the official archive there when it is missing.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -151,16 +150,17 @@ struct Args {
     /// a line a minute where output goes to a file).
     #[arg(long)]
     no_progress: bool,
-    /// Convolutions on a GPU backend: burn (Burn's kernels) or im2col (im2col + matrix
-    /// product, see resnet_burn::GpuConv). Default: $RESNET_BURN_GPU_CONV, else burn.
-    #[arg(long)]
-    gpu_conv: Option<GpuConv>,
-    /// Float type of the convolutions on a GPU backend: f32, or f16 (on tensor cores where
-    /// the backend has kernels for them; the rest stays f32 and the loss is scaled
-    /// dynamically, see resnet_burn::GpuPrecision). Default: $RESNET_BURN_GPU_PRECISION, else
+    /// Also write the checkpoint within epochs, every MINUTES (0: at the end of epochs only).
+    /// A crash loses at most this much training (and a step); a checkpoint of ResNet-18
+    /// takes well under a second (BENCHMARKS.md).
+    #[arg(long, value_name = "MINUTES", default_value_t = 5.0)]
+    checkpoint_every: f64,
+    /// Float types: f32, or f16 (mixed precision: convolutions in f16 on GPU backends, on
+    /// tensor cores where the backend has kernels for them; the rest stays f32 and the loss is
+    /// scaled dynamically, see resnet_burn::Precision). Default: $RESNET_BURN_PRECISION, else
     /// f32.
-    #[arg(long)]
-    precision: Option<GpuPrecision>,
+    #[arg(long, env = "RESNET_BURN_PRECISION", default_value_t = Precision::F32)]
+    precision: Precision,
 }
 
 fn main() -> Result<()> {
@@ -172,13 +172,13 @@ fn main() -> Result<()> {
             ResNetConfig::PRESETS
         );
     }
-    if let Some(choice) = args.gpu_conv {
-        set_gpu_conv(choice);
+    if !(args.checkpoint_every.is_finite() && args.checkpoint_every >= 0.0) {
+        anyhow::bail!(
+            "--checkpoint-every {}: give the minutes between checkpoints, 0 or more",
+            args.checkpoint_every
+        );
     }
-    if let Some(choice) = args.precision {
-        set_gpu_precision(choice);
-    }
-    let precision = gpu_precision();
+    let precision = args.precision;
     let devices = args
         .backend
         .iter()
@@ -190,19 +190,16 @@ fn main() -> Result<()> {
     }
     #[allow(deprecated)] // ndarray: deprecated by Burn 0.22, still supported
     let on_cpu = |d: &Device| *d == Device::flex() || *d == Device::ndarray();
-    if !devices.iter().all(on_cpu) {
-        println!(
-            "GPU convolutions: {:?}, {precision:?}",
-            resnet_burn::gpu_conv()
-        );
-    }
+    println!("precision: {precision}");
     for device in devices.iter().filter(|d| !on_cpu(d)) {
-        if precision == GpuPrecision::F16 && !device.supports_dtype(DType::F16) {
-            println!("{device:?} has no f16 arithmetic: its convolutions stay f32");
+        if precision != Precision::F32 && !precision.applies_to(device) {
+            println!("{device:?} has no {precision} arithmetic: its convolutions stay f32");
         }
     }
-    if precision == GpuPrecision::F16 && devices.iter().any(on_cpu) {
-        println!("on CPU backends convolutions stay f32; --precision f16 only scales the loss");
+    if precision != Precision::F32 && devices.iter().any(on_cpu) {
+        println!(
+            "on CPU backends convolutions stay f32; --precision {precision} only scales the loss"
+        );
     }
 
     let data_dir = data_dir(args.data_dir.clone())?;
@@ -259,6 +256,8 @@ fn main() -> Result<()> {
         resume: args.resume,
         stop,
         stop_after_steps: None,
+        checkpoint_every: (args.checkpoint_every > 0.0)
+            .then(|| Duration::from_secs_f64(60.0 * args.checkpoint_every)),
         progress: !args.no_progress,
     };
 

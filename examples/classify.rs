@@ -15,6 +15,7 @@ use clap::Parser;
 use image::imageops::FilterType;
 use resnet_burn::ResNetConfig;
 use resnet_burn::pretrained::Pretrained;
+use resnet_burn_examples::image::load_rgb;
 
 const CLASSES: &str = include_str!("imagenet_classes.txt");
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -68,8 +69,7 @@ fn main() -> Result<()> {
     };
     let resize = args.resize.unwrap_or(resize);
 
-    let image =
-        image::open(&args.image).with_context(|| format!("reading {}", args.image.display()))?;
+    let image = load_rgb(&args.image)?;
     let pixels = preprocess(&image, resize);
     let input = Tensor::<4>::from_data(
         TensorData::new(pixels, [1, 3, CROP as usize, CROP as usize]),
@@ -95,8 +95,7 @@ fn main() -> Result<()> {
 
 /// torchvision's `Resize(resize)` (antialiased bilinear, shorter side to `resize`),
 /// `CenterCrop(224)`, `ToTensor()` and `Normalize(MEAN, STD)`: CHW floats.
-fn preprocess(image: &image::DynamicImage, resize: u32) -> Vec<f32> {
-    let rgb = image.to_rgb8();
+fn preprocess(rgb: &image::RgbImage, resize: u32) -> Vec<f32> {
     let (width, height) = rgb.dimensions();
     let (new_width, new_height) = if width <= height {
         (
@@ -109,7 +108,7 @@ fn preprocess(image: &image::DynamicImage, resize: u32) -> Vec<f32> {
             resize,
         )
     };
-    let resized = image::imageops::resize(&rgb, new_width, new_height, FilterType::Triangle);
+    let resized = image::imageops::resize(rgb, new_width, new_height, FilterType::Triangle);
     let top = ((new_height.saturating_sub(CROP)) as f64 / 2.0).round() as u32;
     let left = ((new_width.saturating_sub(CROP)) as f64 / 2.0).round() as u32;
     let mut out = vec![0f32; 3 * (CROP * CROP) as usize];

@@ -5,7 +5,7 @@ F(m, 3) interpolates at m + 1 points and infinity (Toom-Cook). This derives `A^T
 `B^T` for each set of points below, exactly (sympy), then convolves random 6x6 input blocks
 of C channels by He-initialized 3x3 kernels in f32 through them and prints the largest error
 against the direct convolution in f64, relative to the output's largest magnitude, and the
-relative RMS error. `crates/resnet-burn/src/cpu/winograd.rs` takes the points with the
+relative RMS error. `crates/burn-cpu-kernels/src/winograd.rs` takes the points with the
 smaller error, 0, 1, -1, 1/2 and -2 (with `B^T` scaled to integers), where Lavin and Gray's
 are 0, 1, -1, 2 and -2.
 

@@ -1,11 +1,13 @@
 //! Support code of resnet-burn's examples, benchmarks and integration tests (not
 //! published): the CIFAR-10 training loop ([`train`]), its data-parallel steps
 //! ([`parallel`]), loss scaling for f16 convolutions ([`scaler`]) and progress lines (a
-//! private module), crash-safe files ([`checkpoint`]), the curves plot ([`plot`]) and the
+//! private module), crash-safe files ([`checkpoint`]), strict image decoding ([`mod@image`]), the curves plot
+//! ([`plot`]) and the
 //! devices the benchmarks measure ([`mod@bench`]).
 
 pub mod bench;
 pub mod checkpoint;
+pub mod image;
 pub mod parallel;
 pub mod plot;
 mod progress;

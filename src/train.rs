@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use burn::module::{Module, ParamGroup};
@@ -18,14 +18,15 @@ use burn::optim::momentum::MomentumConfig;
 use burn::optim::{ModuleOptimizer, SgdConfig};
 use burn::store::ModuleRecord;
 use burn::tensor::{Bytes, Device};
-use cifar10_burn::{Augmentation, Cifar10Batch, Cifar10Dataset, EpochLoader};
-use resnet_burn::{GpuPrecision, ResNet, ResNetConfig, Stem};
+use cifar10_burn::{Augmentation, Cifar10Batch, Cifar10Dataset, EpochLoader, HostBatch};
+use resnet_burn::{Precision, ResNet, ResNetConfig, Stem};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{pack, unpack, write_atomic};
 use crate::parallel::{
     DataParallel, StepOutput, initialize, loss_and_correct, loss_fn, read_joined,
 };
+use crate::plot::EpochPoint;
 use crate::progress::{LogLine, about, progress_bar, styled_bar};
 use crate::scaler::{LossScaler, unscale};
 
@@ -73,12 +74,10 @@ pub struct TrainOptions {
     /// [`Summary::test_accuracy_flip`]. Like `eval_every`, a resumed run may change it.
     #[serde(default)]
     pub eval_flip: bool,
-    /// The float type of the convolutions on GPU devices. With [`GpuPrecision::F16`] the
-    /// loop scales the loss dynamically ([`crate::scaler`]); the caller chooses the
-    /// convolutions' precision itself with [`resnet_burn::set_gpu_precision`] (it is
-    /// process-wide), as `examples/cifar10.rs` does from the same flag.
+    /// The network's float types ([`Precision`]); with [`Precision::F16`] the loop scales the
+    /// loss dynamically ([`crate::scaler`]).
     #[serde(default)]
-    pub precision: GpuPrecision,
+    pub precision: Precision,
 }
 
 fn every_epoch() -> usize {
@@ -106,7 +105,7 @@ impl Default for TrainOptions {
             limit_test: None,
             eval_every: every_epoch(),
             eval_flip: false,
-            precision: GpuPrecision::F32,
+            precision: Precision::F32,
         }
     }
 }
@@ -123,7 +122,8 @@ impl TrainOptions {
         })?;
         let config = config
             .with_stem(Stem::Cifar)
-            .with_base_channels(self.base_channels);
+            .with_base_channels(self.base_channels)
+            .with_precision(self.precision);
         config.validate()?;
         Ok(config)
     }
@@ -177,6 +177,17 @@ pub struct EpochMetrics {
 }
 
 impl EpochMetrics {
+    /// The values `curves.png` draws.
+    pub fn point(&self) -> EpochPoint {
+        EpochPoint {
+            epoch: self.epoch,
+            train_loss: self.train_loss,
+            train_accuracy: self.train_accuracy,
+            test_loss: self.test_loss,
+            test_accuracy: self.test_accuracy,
+        }
+    }
+
     const CSV_HEADER: &str =
         "epoch,lr,train_loss,train_accuracy,test_loss,test_accuracy,seconds,images_per_second";
 
@@ -272,6 +283,10 @@ pub struct Control {
     pub stop: Arc<AtomicBool>,
     /// Stop as if interrupted once this many steps have run in this process (tests).
     pub stop_after_steps: Option<usize>,
+    /// Also write a checkpoint within epochs, after the first step that ends this long after
+    /// the last checkpoint: a crash then loses at most this much work (and a step). `None`:
+    /// at the end of each epoch and on a stop only.
+    pub checkpoint_every: Option<Duration>,
     /// Show progress within epochs and evaluations: bars on a terminal, a line a minute in a
     /// log (a line per epoch is printed either way).
     pub progress: bool,
@@ -314,152 +329,167 @@ pub fn train(
     artifact_dir: &Path,
     control: &Control,
 ) -> Result<Outcome> {
-    let config = options.model_config()?;
-    let Some(device) = devices.first() else {
-        bail!("no device to train on");
-    };
-    if options.eval_every == 0 {
-        bail!("--eval-every must be at least 1");
-    }
-    if options.batch_size < devices.len() {
-        bail!(
-            "--batch-size {} is smaller than the number of devices ({}); each device needs \
-             at least one image a step",
-            options.batch_size,
-            devices.len()
-        );
-    }
-    let autodiff_devices: Vec<Device> = devices.iter().map(|d| d.clone().autodiff()).collect();
-    let replicas = DataParallel::new(&autodiff_devices, options.label_smoothing)?;
-    std::fs::create_dir_all(artifact_dir)
-        .with_context(|| format!("creating the artifact folder {}", artifact_dir.display()))?;
-    let checkpoint_path = artifact_dir.join("checkpoint.bin");
-    let autodiff = replicas.main_device().clone();
-    let training_started = Instant::now();
-    // Drawn from a generator of its own: the same weights on every backend, whatever other
-    // threads draw from Burn's meanwhile.
-    let mut model = config.try_init_seeded(&autodiff, options.seed)?;
-    initialize(&model);
-    let mut optimizer = options.optimizer()?;
-    let mut state = RunState {
-        options: Some(options.clone()),
-        scaler: (options.precision == GpuPrecision::F16).then(LossScaler::default),
-        ..RunState::default()
-    };
-    if control.resume && checkpoint_path.exists() {
-        (model, optimizer, state) = load_checkpoint(&checkpoint_path, model, optimizer, options)?;
-        if control.progress {
-            println!(
-                "resuming from {} at epoch {}, step {}",
-                checkpoint_path.display(),
-                state.epoch + 1,
-                state.step
-            );
+    let (mut run, mut model) = Run::start(options, &train, devices, artifact_dir, control)?;
+    while run.state.epoch < options.epochs {
+        let end;
+        (model, end) = run.epoch(model)?;
+        let Some(end) = end else {
+            return Ok(Outcome::Interrupted {
+                epoch: run.state.epoch + 1,
+                step: run.state.step,
+            });
+        };
+        run.end_epoch(&model, end, &test)?;
+        if control.stop.load(Ordering::SeqCst) && run.state.epoch < options.epochs {
+            return Ok(Outcome::Interrupted {
+                epoch: run.state.epoch + 1,
+                step: 0,
+            });
         }
     }
-    write_atomic(
-        &artifact_dir.join("config.json"),
-        serde_json::to_string_pretty(&serde_json::json!({
-            "train": options,
-            "model": config,
-        }))?
-        .as_bytes(),
-    )?;
+    run.finish(model, &train, &test).map(Outcome::Finished)
+}
 
-    let augmentation = options.augment.then(|| Augmentation {
-        cutout: options.cutout,
-        ..Augmentation::default()
-    });
-    let loader = EpochLoader::train(
-        train.clone(),
-        options.batch_size,
-        augmentation,
-        options.seed,
-    );
-    let steps_per_epoch = loader.num_batches();
-    let total_steps = steps_per_epoch * options.epochs;
-    let eval_loss = loss_fn(0.0, device);
-    let mut steps_this_process = 0;
-    let mut first_step_seconds = None;
+/// A run in progress: what [`train`]'s steps share besides the model, which they take and
+/// give back (the optimizer updates it in place only where nothing else holds it).
+struct Run<'a> {
+    options: &'a TrainOptions,
+    control: &'a Control,
+    devices: &'a [Device],
+    artifact_dir: &'a Path,
+    checkpoint_path: PathBuf,
+    replicas: DataParallel,
+    optimizer: ModuleOptimizer,
+    state: RunState,
+    loader: EpochLoader,
+    eval_loss: CrossEntropyLoss,
+    started: Instant,
+    last_checkpoint: Instant,
+    steps_this_process: usize,
+    first_step_seconds: Option<f64>,
+}
 
-    while state.epoch < options.epochs {
-        let epoch = state.epoch;
-        let bar = progress_bar(control.progress, steps_per_epoch, epoch, options.epochs);
-        bar.set_position(state.step as u64);
-        let mut log = LogLine::new(control.progress);
+/// How an epoch's training steps ended.
+struct EpochEnd {
+    /// Seconds of training in the epoch, over every process that ran part of it.
+    seconds: f64,
+    /// The learning rate of its last step.
+    lr: f64,
+}
+
+impl<'a> Run<'a> {
+    /// Checks the options, builds the model and optimizer (from the checkpoint when
+    /// resuming), and writes `config.json`.
+    fn start(
+        options: &'a TrainOptions,
+        train: &Arc<Cifar10Dataset>,
+        devices: &'a [Device],
+        artifact_dir: &'a Path,
+        control: &'a Control,
+    ) -> Result<(Self, ResNet)> {
+        let config = options.model_config()?;
+        let Some(device) = devices.first() else {
+            bail!("no device to train on");
+        };
+        if options.eval_every == 0 {
+            bail!("--eval-every must be at least 1");
+        }
+        if options.batch_size < devices.len() {
+            bail!(
+                "--batch-size {} is smaller than the number of devices ({}); each device needs \
+                 at least one image a step",
+                options.batch_size,
+                devices.len()
+            );
+        }
+        let autodiff_devices: Vec<Device> = devices.iter().map(|d| d.clone().autodiff()).collect();
+        let replicas = DataParallel::new(&autodiff_devices, options.label_smoothing)?;
+        std::fs::create_dir_all(artifact_dir)
+            .with_context(|| format!("creating the artifact folder {}", artifact_dir.display()))?;
+        let checkpoint_path = artifact_dir.join("checkpoint.bin");
         let started = Instant::now();
-        let first_step = state.step;
-        let mut lr = options.learning_rate(
-            epoch * steps_per_epoch + state.step,
-            steps_per_epoch,
-            total_steps,
+        // Drawn from a generator of its own: the same weights on every backend, whatever other
+        // threads draw from Burn's meanwhile.
+        let mut model = config.try_init_seeded(replicas.main_device(), options.seed)?;
+        initialize(&model);
+        let mut optimizer = options.optimizer()?;
+        let mut state = RunState {
+            options: Some(options.clone()),
+            scaler: (options.precision == Precision::F16).then(LossScaler::default),
+            ..RunState::default()
+        };
+        if control.resume && checkpoint_path.exists() {
+            (model, optimizer, state) =
+                load_checkpoint(&checkpoint_path, model, optimizer, options)?;
+            if control.progress {
+                println!(
+                    "resuming from {} at epoch {}, step {}",
+                    checkpoint_path.display(),
+                    state.epoch + 1,
+                    state.step
+                );
+            }
+        }
+        let run_config = serde_json::json!({ "train": options, "model": config });
+        write_atomic(
+            &artifact_dir.join("config.json"),
+            serde_json::to_string_pretty(&run_config)?.as_bytes(),
+        )?;
+        let augmentation = options.augment.then(|| Augmentation {
+            cutout: options.cutout,
+            ..Augmentation::default()
+        });
+        let loader = EpochLoader::train(
+            train.clone(),
+            options.batch_size,
+            augmentation,
+            options.seed,
         );
-        for host in loader.epoch_from(epoch, state.step, 2) {
-            let step = state.step;
-            lr =
-                options.learning_rate(epoch * steps_per_epoch + step, steps_per_epoch, total_steps);
-            let loss_scale = state.scaler.as_ref().map_or(1.0, LossScaler::scale);
-            let at = || format!("epoch {}, step {}", epoch + 1, step + 1);
-            let StepOutput { mut grads, totals } = replicas
-                .gradients(&model, host, loss_scale)
-                .with_context(at)?;
-            // The step's one wait for the device: the loss, the correct count and (when
-            // scaling) whether the gradients overflowed, in one transfer.
-            let overflow_check = match state.scaler {
-                Some(_) => unscale(&mut grads, &model, loss_scale),
-                None => None,
-            };
-            let values = read_joined([totals].into_iter().chain(overflow_check).collect())
-                .with_context(at)?;
-            let (loss_value, correct) = (values[0], values[1] as u64);
-            let gradients_finite = values.get(2).is_none_or(|sum| sum.is_finite());
-            if !loss_value.is_finite() {
-                bar.abandon();
-                return Err(NonFiniteLoss {
-                    epoch: epoch + 1,
-                    step: step + 1,
-                    loss: loss_value,
-                }
-                .into());
-            }
-            let apply = match &mut state.scaler {
-                Some(scaler) => scaler
-                    .update(gradients_finite)
-                    .inspect_err(|_| bar.abandon())?,
-                None => true,
-            };
-            if apply {
-                model = optimizer.step(lr, model, grads);
-            } else {
-                state.skipped_steps += 1;
-                let scale = state.scaler.as_ref().map_or(1.0, LossScaler::scale);
-                bar.suspend(|| {
-                    println!(
-                        "epoch {} step {}: the gradients overflowed f16; step skipped, loss \
-                         scale now {scale}",
-                        epoch + 1,
-                        step + 1
-                    )
-                });
-            }
+        let run = Self {
+            options,
+            control,
+            devices,
+            artifact_dir,
+            checkpoint_path,
+            replicas,
+            optimizer,
+            state,
+            loader,
+            eval_loss: loss_fn(0.0, device),
+            started,
+            last_checkpoint: started,
+            steps_this_process: 0,
+            first_step_seconds: None,
+        };
+        Ok((run, model))
+    }
 
-            let batch = options.batch_size as u64;
-            state.step += 1;
-            state.loss_sum += loss_value as f64 * batch as f64;
-            state.correct += correct;
-            state.seen += batch;
-            steps_this_process += 1;
-            if first_step_seconds.is_none() {
-                let seconds = training_started.elapsed().as_secs_f64();
-                first_step_seconds = Some(seconds);
-                bar.suspend(|| {
-                    println!(
-                        "first step done {seconds:.1}s after training started \
-                         (on a GPU mostly kernel compilation and autotuning)"
-                    )
-                });
-            }
+    /// The learning rate of step `step` of the epoch in progress.
+    fn learning_rate(&self, step: usize) -> f64 {
+        let steps_per_epoch = self.loader.num_batches();
+        let total = steps_per_epoch * self.options.epochs;
+        let at = self.state.epoch * steps_per_epoch + step;
+        self.options.learning_rate(at, steps_per_epoch, total)
+    }
+
+    /// The training steps of the epoch in progress, from the step the state is at; `None`
+    /// when a stop was asked for within it (after writing a checkpoint).
+    fn epoch(&mut self, mut model: ResNet) -> Result<(ResNet, Option<EpochEnd>)> {
+        let (epoch, epochs) = (self.state.epoch, self.options.epochs);
+        let steps_per_epoch = self.loader.num_batches();
+        let bar = progress_bar(self.control.progress, steps_per_epoch, epoch, epochs);
+        bar.set_position(self.state.step as u64);
+        let mut log = LogLine::new(self.control.progress);
+        let started = Instant::now();
+        let first_step = self.state.step;
+        let mut lr = self.learning_rate(self.state.step);
+        for host in self.loader.epoch_from(epoch, self.state.step, 2) {
+            lr = self.learning_rate(self.state.step);
+            model = self
+                .step(model, host, lr, &bar)
+                .inspect_err(|_| bar.abandon())?;
             bar.inc(1);
+            let state = &self.state;
             let seconds = state.epoch_seconds + started.elapsed().as_secs_f64();
             let message = format!(
                 "loss {:.3} acc {:.1}% lr {lr:.4} {:.0} img/s",
@@ -470,63 +500,155 @@ pub fn train(
             if log.as_mut().is_some_and(LogLine::due) {
                 let per_step = started.elapsed().as_secs_f64() / (state.step - first_step) as f64;
                 println!(
-                    "epoch {}/{} step {}/{steps_per_epoch}: {message}, the epoch ends in {}",
+                    "epoch {}/{epochs} step {}/{steps_per_epoch}: {message}, the epoch ends in {}",
                     epoch + 1,
-                    options.epochs,
                     state.step,
                     about(per_step * (steps_per_epoch - state.step) as f64)
                 );
             }
             bar.set_message(message);
 
-            let stop_requested = control.stop.load(Ordering::SeqCst)
-                || control
+            let stop_requested = self.control.stop.load(Ordering::SeqCst)
+                || self
+                    .control
                     .stop_after_steps
-                    .is_some_and(|n| steps_this_process >= n);
-            if stop_requested && state.step < steps_per_epoch {
-                state.epoch_seconds += started.elapsed().as_secs_f64();
-                save_checkpoint(&checkpoint_path, &model, &optimizer, &state)?;
+                    .is_some_and(|n| self.steps_this_process >= n);
+            if stop_requested && self.state.step < steps_per_epoch {
+                self.state.epoch_seconds += started.elapsed().as_secs_f64();
+                self.save_checkpoint(&model)?;
                 bar.abandon_with_message(format!(
                     "stopped; checkpoint in {}",
-                    checkpoint_path.display()
+                    self.checkpoint_path.display()
                 ));
-                return Ok(Outcome::Interrupted {
-                    epoch: epoch + 1,
-                    step: state.step,
-                });
+                return Ok((model, None));
+            }
+            let due = self
+                .control
+                .checkpoint_every
+                .is_some_and(|every| self.last_checkpoint.elapsed() >= every);
+            if due && self.state.step < steps_per_epoch {
+                // The time of the epoch so far goes into the checkpoint, not into the state
+                // this process goes on counting from.
+                let mut state = self.state.clone();
+                state.epoch_seconds += started.elapsed().as_secs_f64();
+                save_checkpoint(&self.checkpoint_path, &model, &self.optimizer, &state)?;
+                self.last_checkpoint = Instant::now();
             }
         }
-        let seconds = state.epoch_seconds + started.elapsed().as_secs_f64();
         bar.finish_and_clear();
+        let seconds = self.state.epoch_seconds + started.elapsed().as_secs_f64();
+        Ok((model, Some(EpochEnd { seconds, lr })))
+    }
 
-        let evaluated =
-            (epoch + 1).is_multiple_of(options.eval_every) || epoch + 1 == options.epochs;
+    /// One optimizer step on `host`'s images at learning rate `lr`: the gradients (split
+    /// between the devices), loss scaling, the update, and the running totals, which count
+    /// the images the batch had.
+    fn step(
+        &mut self,
+        model: ResNet,
+        host: HostBatch,
+        lr: f64,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<ResNet> {
+        let (epoch, step) = (self.state.epoch, self.state.step);
+        let images = host.len() as u64;
+        let loss_scale = self.state.scaler.as_ref().map_or(1.0, LossScaler::scale);
+        let at = || format!("epoch {}, step {}", epoch + 1, step + 1);
+        let StepOutput { mut grads, totals } = self
+            .replicas
+            .gradients(&model, host, loss_scale)
+            .with_context(at)?;
+        // The step's one wait for the device: the loss, the correct count and (when scaling)
+        // whether the gradients overflowed, in one transfer.
+        let overflow_check = match self.state.scaler {
+            Some(_) => unscale(&mut grads, &model, loss_scale),
+            None => None,
+        };
+        let values =
+            read_joined([totals].into_iter().chain(overflow_check).collect()).with_context(at)?;
+        let (loss, correct) = (values[0], values[1] as u64);
+        let gradients_finite = values.get(2).is_none_or(|sum| sum.is_finite());
+        if !loss.is_finite() {
+            return Err(NonFiniteLoss {
+                epoch: epoch + 1,
+                step: step + 1,
+                loss,
+            }
+            .into());
+        }
+        let apply = match &mut self.state.scaler {
+            Some(scaler) => scaler.update(gradients_finite)?,
+            None => true,
+        };
+        let model = if apply {
+            self.optimizer.step(lr, model, grads)
+        } else {
+            self.state.skipped_steps += 1;
+            let scale = self.state.scaler.as_ref().map_or(1.0, LossScaler::scale);
+            bar.suspend(|| {
+                println!(
+                    "epoch {} step {}: the gradients overflowed f16; step skipped, loss scale \
+                     now {scale}",
+                    epoch + 1,
+                    step + 1
+                )
+            });
+            model
+        };
+        self.state.step += 1;
+        self.state.loss_sum += loss as f64 * images as f64;
+        self.state.correct += correct;
+        self.state.seen += images;
+        self.steps_this_process += 1;
+        if self.first_step_seconds.is_none() {
+            let seconds = self.started.elapsed().as_secs_f64();
+            self.first_step_seconds = Some(seconds);
+            bar.suspend(|| {
+                println!(
+                    "first step done {seconds:.1}s after training started \
+                     (on a GPU mostly kernel compilation and autotuning)"
+                )
+            });
+        }
+        Ok(model)
+    }
+
+    /// After an epoch's steps: the evaluation when due, the epoch's line, `metrics.csv`,
+    /// `curves.png` and the checkpoint.
+    fn end_epoch(
+        &mut self,
+        model: &ResNet,
+        end: EpochEnd,
+        test: &Arc<Cifar10Dataset>,
+    ) -> Result<()> {
+        let (options, epoch) = (self.options, self.state.epoch + 1);
+        let evaluated = epoch.is_multiple_of(options.eval_every) || epoch == options.epochs;
+        let label = format!("evaluating after epoch {epoch}");
         let eval = evaluated
             .then(|| {
                 evaluate(
                     &model.valid(),
-                    &test,
+                    test,
                     options.eval_batch_size,
-                    device,
-                    &eval_loss,
+                    &self.devices[0],
+                    &self.eval_loss,
                     false,
-                    control
-                        .progress
-                        .then(|| format!("evaluating after epoch {}", epoch + 1))
-                        .as_deref(),
+                    self.control.progress.then_some(label.as_str()),
                 )
             })
             .transpose()
-            .with_context(|| format!("evaluating after epoch {}", epoch + 1))?;
+            .with_context(|| label.clone())?;
+        let state = &mut self.state;
+        let seen = state.seen.max(1) as f64;
         let metrics = EpochMetrics {
-            epoch: epoch + 1,
-            lr,
-            train_loss: state.loss_sum / state.seen.max(1) as f64,
-            train_accuracy: state.correct as f64 / state.seen.max(1) as f64,
+            epoch,
+            lr: end.lr,
+            train_loss: state.loss_sum / seen,
+            train_accuracy: state.correct as f64 / seen,
             test_loss: eval.as_ref().map(|e| e.loss),
             test_accuracy: eval.as_ref().map(|e| e.accuracy),
-            seconds,
-            images_per_second: state.seen as f64 / seconds,
+            seconds: end.seconds,
+            images_per_second: state.seen as f64 / end.seconds,
         };
         let test = match &eval {
             Some(eval) => format!(
@@ -552,62 +674,69 @@ pub fn train(
         state.correct = 0;
         state.seen = 0;
         state.epoch_seconds = 0.0;
-        write_metrics(artifact_dir, &state.history)?;
-        save_checkpoint(&checkpoint_path, &model, &optimizer, &state)?;
-
-        if control.stop.load(Ordering::SeqCst) && state.epoch < options.epochs {
-            return Ok(Outcome::Interrupted {
-                epoch: state.epoch + 1,
-                step: 0,
-            });
-        }
+        write_metrics(self.artifact_dir, &state.history)?;
+        self.save_checkpoint(model)
     }
 
-    let model = model.valid();
-    let model_path = artifact_dir.join("model.bpk");
-    let bytes = model.clone().into_record().into_bytes()?;
-    write_atomic(&model_path, &bytes)?;
-    let safetensors_path = artifact_dir.join("model.safetensors");
-    model
-        .save_torchvision(&safetensors_path)
-        .with_context(|| format!("writing {}", safetensors_path.display()))?;
+    fn save_checkpoint(&mut self, model: &ResNet) -> Result<()> {
+        save_checkpoint(&self.checkpoint_path, model, &self.optimizer, &self.state)?;
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
 
-    let test_accuracy_flip = options
-        .eval_flip
-        .then(|| {
-            evaluate(
+    /// After the last epoch: `model.bpk`, `model.safetensors`, the flip evaluation when asked
+    /// for, and `summary.json`.
+    fn finish(
+        self,
+        model: ResNet,
+        train: &Arc<Cifar10Dataset>,
+        test: &Arc<Cifar10Dataset>,
+    ) -> Result<Summary> {
+        let (options, dir) = (self.options, self.artifact_dir);
+        let model = model.valid();
+        let bytes = model.clone().into_record().into_bytes()?;
+        write_atomic(&dir.join("model.bpk"), &bytes)?;
+        let safetensors_path = dir.join("model.safetensors");
+        model
+            .save_torchvision(&safetensors_path)
+            .with_context(|| format!("writing {}", safetensors_path.display()))?;
+
+        let label = "evaluating with flip test-time augmentation";
+        let test_accuracy_flip = options
+            .eval_flip
+            .then(|| {
+                evaluate(
+                    &model,
+                    test,
+                    options.eval_batch_size,
+                    &self.devices[0],
+                    &self.eval_loss,
+                    true,
+                    self.control.progress.then_some(label),
+                )
+            })
+            .transpose()
+            .context(label)?
+            .map(|eval| eval.accuracy);
+        let summary = Summary {
+            test_accuracy_flip,
+            skipped_steps: self.state.skipped_steps,
+            ..summarize(
+                options,
+                &self.state.history,
+                self.devices,
                 &model,
-                &test,
-                options.eval_batch_size,
-                device,
-                &eval_loss,
-                true,
-                control
-                    .progress
-                    .then_some("evaluating with flip test-time augmentation"),
+                train.len(),
+                test.len(),
+                self.first_step_seconds.unwrap_or(0.0),
             )
-        })
-        .transpose()
-        .context("evaluating with flip test-time augmentation")?
-        .map(|eval| eval.accuracy);
-    let summary = Summary {
-        test_accuracy_flip,
-        skipped_steps: state.skipped_steps,
-        ..summarize(
-            options,
-            &state.history,
-            devices,
-            &model,
-            train.len(),
-            test.len(),
-            first_step_seconds.unwrap_or(0.0),
-        )
-    };
-    write_atomic(
-        &artifact_dir.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
-    Ok(Outcome::Finished(summary))
+        };
+        write_atomic(
+            &dir.join("summary.json"),
+            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        )?;
+        Ok(summary)
+    }
 }
 
 /// Test loss and accuracy.
@@ -719,7 +848,8 @@ fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<()> {
         csv.push('\n');
     }
     write_atomic(&dir.join("metrics.csv"), csv.as_bytes())?;
-    let png = crate::plot::curves(history);
+    let points: Vec<EpochPoint> = history.iter().map(EpochMetrics::point).collect();
+    let png = crate::plot::curves(&points)?;
     write_atomic(&dir.join("curves.png"), &png)
 }
 

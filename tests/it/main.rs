@@ -1,11 +1,13 @@
-//! Integration tests of resnet-burn and cifar10-burn: one binary, one module per concern.
+//! The examples' training across the crates: one binary.
 //!
 //! Checks that depend on the backend are written once as `fn check(device: &Device)` and
-//! instantiated for every device compiled in by [`device_tests!`].
+//! instantiated for every device compiled in by `device_tests!`, shared with resnet-burn's
+//! tests (as are their helpers and CIFAR-10's file writers).
 
+#[path = "../../crates/cifar10-burn/tests/it/files.rs"]
+mod cifar_files;
+#[path = "../../crates/resnet-burn/tests/it/support.rs"]
 #[macro_use]
-mod devices;
-mod cifar10;
-mod model;
-mod torchvision;
+mod support;
+mod images;
 mod training;

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -12,17 +13,15 @@ use burn::tensor::{Device, Tensor};
 use cifar10_burn::augment::flip_horizontal;
 use cifar10_burn::format::{IMAGE_BYTES, encode_batch};
 use cifar10_burn::{Cifar10Dataset, HostBatch, Rng, Split};
-use resnet_burn::{GpuPrecision, ResNet, ResNetConfig, Stem};
+use resnet_burn::{Precision, ResNet, ResNetConfig, Stem};
 use resnet_burn_examples::parallel::{DataParallel, read_joined};
 use resnet_burn_examples::scaler::{LossScaler, unscale};
-use resnet_burn_examples::train::{
-    Control, EpochMetrics, NonFiniteLoss, Outcome, TrainOptions, evaluate, train,
-};
+use resnet_burn_examples::train::{Control, NonFiniteLoss, Outcome, TrainOptions, evaluate, train};
 
-use crate::cifar10::{scratch, write_cifar_files, write_fake_cifar};
-use crate::devices;
-use crate::model::{pseudo_random, relative_error, values};
-use crate::torchvision::{fixture, read_safetensors};
+use crate::cifar_files::{scratch, write_cifar_files, write_fake_cifar};
+use crate::support::{
+    self as devices, fixture, pseudo_random, read_safetensors, relative_error, values,
+};
 
 fn tiny_options() -> TrainOptions {
     TrainOptions {
@@ -169,6 +168,160 @@ fn an_interrupted_run_resumes_to_the_same_metrics() {
     let outcome = train(&options, train_set, test_set, &devices, &resumed, &resume).unwrap();
     assert!(matches!(outcome, Outcome::Finished(_)));
     assert_eq!(results(&resumed), results(&straight));
+}
+
+/// The environment variable that makes the test below run as the killed child.
+const KILLED_CHILD_DIR: &str = "RESNET_BURN_KILLED_CHILD_DIR";
+
+/// A run killed with SIGKILL at random moments, and started again with `--resume` each time,
+/// ends where the uninterrupted run ends (the same metrics, the same weights): the time-based
+/// checkpoints within epochs resume exactly, and a kill while one is written leaves the last
+/// one intact.
+#[test]
+fn a_killed_run_resumes_where_it_would_have_ended() {
+    let options = TrainOptions {
+        epochs: 16,
+        ..tiny_options()
+    };
+    let (train_set, test_set) = tiny_data("train-killed-data");
+    if let Some(dir) = std::env::var_os(KILLED_CHILD_DIR) {
+        // The child: resume, checkpoint after every step, until done or killed.
+        let control = Control {
+            resume: true,
+            checkpoint_every: Some(Duration::ZERO),
+            ..Control::default()
+        };
+        let outcome = train(
+            &options,
+            train_set,
+            test_set,
+            &[Device::flex()],
+            Path::new(&dir),
+            &control,
+        );
+        assert!(matches!(outcome, Ok(Outcome::Finished(_))), "{outcome:?}");
+        return;
+    }
+    let straight = scratch("train-killed-straight");
+    let started = std::time::Instant::now();
+    train(
+        &options,
+        train_set,
+        test_set,
+        &[Device::flex()],
+        &straight,
+        &Control::default(),
+    )
+    .unwrap();
+    let duration = started.elapsed();
+
+    let killed = scratch("train-killed");
+    let child = || {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "training::a_killed_run_resumes_where_it_would_have_ended",
+            ])
+            .args(["--nocapture", "--test-threads=1"])
+            .env(KILLED_CHILD_DIR, &killed)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the test binary starts again")
+    };
+    // Kills at seeded moments, up to a fifth of the uninterrupted run's time after the start
+    // of each child (which also starts a process and writes its data); sooner after a child
+    // that ended before its kill (the run's end is near, or the machine is fast).
+    let mut state = 2026u64;
+    let (mut kills, mut fraction) = (0, 0.2);
+    for _ in 0..16 {
+        if kills == 4 {
+            break;
+        }
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let uniform = (state >> 11) as f64 / (1u64 << 53) as f64;
+        let delay = duration.mul_f64(fraction * (0.5 + 0.5 * uniform));
+        let mut run = child();
+        std::thread::sleep(delay);
+        if run.try_wait().unwrap().is_none() {
+            run.kill().unwrap(); // SIGKILL
+            kills += 1;
+        } else {
+            fraction *= 0.5;
+        }
+        run.wait().unwrap();
+    }
+    assert!(
+        kills >= 3,
+        "only {kills} runs were killed before they ended"
+    );
+    assert!(
+        killed.join("checkpoint.bin").exists(),
+        "no checkpoint before the last run"
+    );
+    let status = child().wait().unwrap();
+    assert!(status.success(), "the last resumed run failed");
+    assert_eq!(results(&killed), results(&straight));
+    let weights = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
+    assert!(weights(&killed) == weights(&straight), "the weights differ");
+}
+
+/// Loss, accuracy and images/s count the images each step had: a training set smaller than
+/// the batch (one short step), one whose last partial batch the loader drops, and an
+/// evaluation whose last batch is partial.
+#[test]
+fn metrics_count_the_images_each_step_had() {
+    // Training images, batch size, and the images a training epoch has.
+    for (images, batch, epoch_images) in [(40, 64, 40), (56, 16, 48)] {
+        let dir = scratch(&format!("train-count-{images}"));
+        write_fake_cifar(&dir, 16);
+        let train_set = Cifar10Dataset::new(&dir, Split::Train)
+            .unwrap()
+            .truncate(images);
+        let test_set = Arc::new(Cifar10Dataset::new(&dir, Split::Test).unwrap()); // 16 images
+        let options = TrainOptions {
+            epochs: 2,
+            batch_size: batch,
+            eval_batch_size: 6, // batches of 6, 6 and 4
+            ..tiny_options()
+        };
+        let out = dir.join("out");
+        let devices = [Device::flex()];
+        let control = Control::default();
+        let outcome = train(
+            &options,
+            Arc::new(train_set),
+            test_set,
+            &devices,
+            &out,
+            &control,
+        );
+        assert!(matches!(outcome, Ok(Outcome::Finished(_))), "{outcome:?}");
+        let is_count = |fraction: f64, of: usize| {
+            let count = fraction * of as f64;
+            fraction <= 1.0 && (count - count.round()).abs() < 1e-3
+        };
+        for line in results(&out) {
+            let (train, test): (f64, f64) = (line[3].parse().unwrap(), line[5].parse().unwrap());
+            let what = format!("{images} images, batch {batch}");
+            assert!(
+                is_count(train, epoch_images),
+                "{what}: train accuracy {train}"
+            );
+            assert!(is_count(test, 16), "{what}: test accuracy {test}");
+        }
+        let summary: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+        let seconds = summary["train_seconds"].as_f64().unwrap();
+        let counted = summary["images_per_second"].as_f64().unwrap() * seconds;
+        let expected = 2.0 * epoch_images as f64;
+        assert!(
+            (counted - expected).abs() < 1e-6 * expected,
+            "{images} images, batch {batch}: {counted} images counted over two epochs"
+        );
+    }
 }
 
 /// `eval_every: 2` over 3 epochs evaluates epochs 2 and 3 (the last) and trains exactly as
@@ -346,8 +499,26 @@ fn the_schedule_warms_up_then_decays_to_zero() {
     assert!((options.learning_rate(10, per_epoch, total) - 0.1).abs() < 1e-12);
     assert!((options.learning_rate(30, per_epoch, total) - 0.05).abs() < 1e-12);
     assert!(options.learning_rate(49, per_epoch, total) < 0.001);
-    let metrics: Vec<EpochMetrics> = Vec::new();
-    assert!(!resnet_burn_examples::plot::curves(&metrics).is_empty());
+    // The curves of no epoch, of an epoch with no test point and of a NaN loss still draw.
+    let point = |epoch, test: Option<f64>| resnet_burn_examples::plot::EpochPoint {
+        epoch,
+        train_loss: if epoch == 3 {
+            f64::NAN
+        } else {
+            2.0 / epoch as f64
+        },
+        train_accuracy: 0.1 * epoch as f64,
+        test_loss: test,
+        test_accuracy: test.map(|t| 1.0 - t),
+    };
+    for points in [
+        vec![],
+        vec![point(1, None)],
+        vec![point(1, Some(0.9)), point(2, None), point(3, Some(0.5))],
+    ] {
+        let png = resnet_burn_examples::plot::curves(&points).expect("drawn");
+        assert_eq!(&png[1..4], b"PNG");
+    }
 }
 
 /// A small batch of generated, normalized images with labels 0..10.
@@ -495,7 +666,7 @@ fn f16_loss_scaling_trains_exactly_as_f32_and_resumes() {
     let devices = [Device::flex()];
     let f32_options = tiny_options();
     let f16_options = TrainOptions {
-        precision: GpuPrecision::F16,
+        precision: Precision::F16,
         ..tiny_options()
     };
     let run = |options: &TrainOptions, dir: &Path, control: &Control| {
@@ -709,20 +880,6 @@ fn write_noise_cifar(dir: &Path) -> (Arc<Cifar10Dataset>, Arc<Cifar10Dataset>) {
     )
 }
 
-#[test]
-#[ignore = "writes tests/fixtures/training_steps_init.safetensors for make_training_steps.py"]
-fn write_training_steps_init() {
-    let options = three_step_options();
-    let model = options
-        .model_config()
-        .unwrap()
-        .try_init_seeded(&Device::flex(), options.seed)
-        .unwrap();
-    model
-        .save_torchvision(fixture("training_steps_init.safetensors"))
-        .unwrap();
-}
-
 /// Three steps of `train` end where PyTorch's three steps of the same recipe end, from the
 /// same weights (the seeded ones `train` starts from) and on the same images: the same losses,
 /// and the same change of every parameter and running statistic. What the steps change is
@@ -746,12 +903,15 @@ fn three_steps_of_the_recipe_end_as_pytorchs(device: &Device) {
         .unwrap()
         .save_torchvision(&seeded)
         .unwrap();
-    let seeded = read_safetensors(&seeded);
+    let seeded_weights = read_safetensors(&seeded);
     for (key, (_, values)) in &init {
         assert_eq!(
-            &seeded[key].1, values,
-            "{key}: the seeded initial weights changed; write the fixtures again (see \
-             tests/fixtures/make_training_steps.py)"
+            &seeded_weights[key].1,
+            values,
+            "{key}: the seeded initial weights changed; copy {} to \
+             tests/fixtures/training_steps_init.safetensors and run \
+             tests/fixtures/make_training_steps.py",
+            seeded.display()
         );
     }
 

@@ -231,7 +231,8 @@ pub(crate) fn for_each_archive_file(
         let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
             continue;
         };
-        let mut bytes = Vec::with_capacity(entry.size() as usize);
+        // The size is the archive's claim: reserve no more than a batch file's.
+        let mut bytes = Vec::with_capacity((entry.size() as usize).min(64 << 20));
         entry.read_to_end(&mut bytes).map_err(bad)?;
         f(&name, bytes);
     }

@@ -49,12 +49,9 @@ pub const FILE_SHA256: [(&str, &str); 6] = [
     ),
 ];
 
-/// The default cache folder: `$CIFAR10_CACHE`, else `$XDG_CACHE_HOME/cifar10-burn`, else
-/// `~/.cache/cifar10-burn`.
+/// The default cache folder, by the platform's convention (XDG's): `$XDG_CACHE_HOME/cifar10-burn`,
+/// else `~/.cache/cifar10-burn`. Pass another folder to [`ensure`] to keep the data elsewhere.
 pub fn default_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CIFAR10_CACHE") {
-        return dir.into();
-    }
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))

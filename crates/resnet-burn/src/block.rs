@@ -2,106 +2,17 @@
 //!
 //! Field names follow torchvision's state-dict keys (`conv1`, `bn1`, ..., `downsample`), and
 //! initialization follows torchvision: convolutions are Kaiming-normal in `fan_out` mode for
-//! ReLU, BatchNorm weights start at 1 and biases at 0.
+//! ReLU, BatchNorm weights start at 1 and biases at 0. BatchNorm computes as PyTorch's: in
+//! training its running variance moves toward the batch's unbiased variance.
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, PaddingConfig2d};
-use burn::tensor::activation;
-use burn::tensor::module::BatchNormTrainOutput;
 use burn::tensor::{Device, Tensor};
 
+use crate::Precision;
 use crate::config::bottleneck_width;
-
-/// `relu?(bn(conv(x)))`; on the CPU backends through [`crate::cpu`].
-pub(crate) fn conv_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, relu: bool) -> Tensor<4> {
-    #[cfg(any(feature = "flex", feature = "ndarray"))]
-    if let Some(out) = crate::cpu::fused(conv, bn, &x, relu, None) {
-        return out;
-    }
-    let out = norm(bn, conv2d(conv, x));
-    if relu { activation::relu(out) } else { out }
-}
-
-/// `bn.forward(x)`, with torchvision's running variance: in training (Burn's rule: an
-/// autodiff device and a layer not frozen) the running statistics move toward the batch's mean
-/// and its unbiased variance, as PyTorch's BatchNorm does, where Burn's module takes the
-/// biased one. On the CPU backends the training pass runs through [`crate::cpu`].
-fn norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
-    if !(x.device().is_autodiff() && bn.training.is_enabled()) {
-        return bn.forward(x);
-    }
-    let [batch, _, height, width] = x.dims();
-    #[cfg(any(feature = "flex", feature = "ndarray"))]
-    let train = crate::cpu::batch_norm_train(bn, &x);
-    #[cfg(not(any(feature = "flex", feature = "ndarray")))]
-    let train = None;
-    let BatchNormTrainOutput {
-        output,
-        mean,
-        variance,
-    } = train.unwrap_or_else(|| {
-        burn::tensor::module::batch_norm_train(x, bn.gamma.val(), bn.beta.val(), bn.epsilon)
-    });
-    // The unbiased variance of the `count` values each channel's statistics are taken over
-    // (a single value, which PyTorch refuses in training, keeps its variance of 0).
-    let count = (batch * height * width) as f64;
-    let unbiased = variance.mul_scalar(count / (count - 1.0).max(1.0));
-    for (running, batch) in [(&bn.running_mean, mean), (&bn.running_var, unbiased)] {
-        let value = running
-            .value_sync()
-            .to_device(&batch.device())
-            .mul_scalar(1.0 - bn.momentum)
-            .add(batch.mul_scalar(bn.momentum));
-        running.update(value.detach());
-    }
-    output
-}
-
-/// `conv.forward(x)` as [`crate::ResNet`] computes it on `x`'s device: on the CPU backends
-/// (flex, ndarray) with this crate's own kernels, on the others as im2col + matrix product
-/// when [`crate::gpu_conv`] is [`crate::GpuConv::Im2col`], else with Burn's, and in f16
-/// when [`crate::gpu_precision`] is [`crate::GpuPrecision::F16`]. The result is the same
-/// either way (to float rounding, f16's when chosen); use it in your own layers for the same
-/// speed. Convolutions that none of these paths covers (grouped, dilated, with a bias, ...)
-/// run as Burn's.
-///
-/// ```
-/// use burn::nn::conv::Conv2dConfig;
-/// use burn::nn::PaddingConfig2d;
-/// use burn::tensor::{Device, Tensor};
-///
-/// let device = Device::flex();
-/// let conv = Conv2dConfig::new([3, 8], [3, 3])
-///     .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-///     .with_bias(false)
-///     .init(&device);
-/// let x = Tensor::<4>::ones([2, 3, 16, 16], &device);
-/// let ours = resnet_burn::conv2d(&conv, x.clone());
-/// let burns = conv.forward(x);
-/// assert!(ours.sub(burns).abs().max().into_scalar::<f32>() < 1e-4);
-/// ```
-pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    #[cfg(any(feature = "flex", feature = "ndarray"))]
-    if crate::cpu::on_host(&x.device()) {
-        return crate::cpu::conv(conv, x);
-    }
-    crate::gpu::conv(conv, x)
-}
-
-/// `relu(bn(conv(x)) + residual)`: the end of a residual block.
-pub(crate) fn conv_bn_add_relu(
-    conv: &Conv2d,
-    bn: &BatchNorm,
-    x: Tensor<4>,
-    residual: Tensor<4>,
-) -> Tensor<4> {
-    #[cfg(any(feature = "flex", feature = "ndarray"))]
-    if let Some(out) = crate::cpu::fused(conv, bn, &x, true, Some(&residual)) {
-        return out;
-    }
-    activation::relu(norm(bn, conv2d(conv, x)) + residual)
-}
+use crate::ops::{Epilogue, conv_bn};
 
 /// A bias-free convolution initialized as torchvision initializes ResNet convolutions:
 /// `kaiming_normal_(mode="fan_out", nonlinearity="relu")`, that is a normal distribution
@@ -182,6 +93,8 @@ pub struct Downsample {
     pub conv: Conv2d,
     /// BatchNorm, torchvision's `downsample.1`.
     pub bn: BatchNorm,
+    #[module(skip)]
+    precision: Precision,
 }
 
 impl Downsample {
@@ -189,6 +102,7 @@ impl Downsample {
         in_channels: usize,
         out_channels: usize,
         stride: usize,
+        precision: Precision,
         device: &Device,
     ) -> Self {
         let conv = ConvSpec {
@@ -198,12 +112,17 @@ impl Downsample {
         Self {
             conv: conv.init(device),
             bn: batch_norm(out_channels, false, device),
+            precision,
         }
+    }
+
+    fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
     }
 
     /// `[batch, in, H, W] -> [batch, out, H / stride, W / stride]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        conv_bn(&self.conv, &self.bn, x, false)
+        conv_bn(&self.conv, &self.bn, x, Epilogue::None, self.precision)
     }
 }
 
@@ -218,6 +137,7 @@ pub(crate) struct BlockSpec {
     pub dilation: usize,
     pub downsample: bool,
     pub zero_init_residual: bool,
+    pub precision: Precision,
 }
 
 /// The residual block of ResNet-18 and ResNet-34: two 3x3 convolutions and a shortcut.
@@ -236,9 +156,18 @@ pub struct BasicBlock {
     pub bn2: BatchNorm,
     /// Projection shortcut when the shape changes, else the identity.
     pub downsample: Option<Downsample>,
+    #[module(skip)]
+    precision: Precision,
 }
 
 impl BasicBlock {
+    fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+        if let Some(downsample) = &mut self.downsample {
+            downsample.set_precision(precision);
+        }
+    }
+
     /// Output channels per `planes`.
     pub const EXPANSION: usize = 1;
 
@@ -256,18 +185,26 @@ impl BasicBlock {
             bn2: batch_norm(planes, spec.zero_init_residual, device),
             downsample: spec
                 .downsample
-                .then(|| Downsample::new(in_channels, planes, stride, device)),
+                .then(|| Downsample::new(in_channels, planes, stride, spec.precision, device)),
+            precision: spec.precision,
         }
     }
 
     /// `[batch, in, H, W] -> [batch, planes, H / stride, W / stride]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let out = conv_bn(&self.conv1, &self.bn1, x.clone(), true);
+        let out = conv_bn(
+            &self.conv1,
+            &self.bn1,
+            x.clone(),
+            Epilogue::Relu,
+            self.precision,
+        );
         let shortcut = match &self.downsample {
             Some(downsample) => downsample.forward(x),
             None => x,
         };
-        conv_bn_add_relu(&self.conv2, &self.bn2, out, shortcut)
+        let end = Epilogue::AddRelu(shortcut);
+        conv_bn(&self.conv2, &self.bn2, out, end, self.precision)
     }
 }
 
@@ -295,9 +232,18 @@ pub struct Bottleneck {
     pub bn3: BatchNorm,
     /// Projection shortcut when the shape changes, else the identity.
     pub downsample: Option<Downsample>,
+    #[module(skip)]
+    precision: Precision,
 }
 
 impl Bottleneck {
+    fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+        if let Some(downsample) = &mut self.downsample {
+            downsample.set_precision(precision);
+        }
+    }
+
     /// Output channels per `planes`.
     pub const EXPANSION: usize = 4;
 
@@ -312,21 +258,35 @@ impl Bottleneck {
             bn2: batch_norm(width, false, device),
             conv3: ConvSpec::new(width, out_channels, 1).init(device),
             bn3: batch_norm(out_channels, spec.zero_init_residual, device),
-            downsample: spec
-                .downsample
-                .then(|| Downsample::new(spec.in_channels, out_channels, spec.stride, device)),
+            downsample: spec.downsample.then(|| {
+                Downsample::new(
+                    spec.in_channels,
+                    out_channels,
+                    spec.stride,
+                    spec.precision,
+                    device,
+                )
+            }),
+            precision: spec.precision,
         }
     }
 
     /// `[batch, in, H, W] -> [batch, 4 * planes, H / stride, W / stride]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let out = conv_bn(&self.conv1, &self.bn1, x.clone(), true);
-        let out = conv_bn(&self.conv2, &self.bn2, out, true);
+        let out = conv_bn(
+            &self.conv1,
+            &self.bn1,
+            x.clone(),
+            Epilogue::Relu,
+            self.precision,
+        );
+        let out = conv_bn(&self.conv2, &self.bn2, out, Epilogue::Relu, self.precision);
         let shortcut = match &self.downsample {
             Some(downsample) => downsample.forward(x),
             None => x,
         };
-        conv_bn_add_relu(&self.conv3, &self.bn3, out, shortcut)
+        let end = Epilogue::AddRelu(shortcut);
+        conv_bn(&self.conv3, &self.bn3, out, end, self.precision)
     }
 }
 
@@ -344,6 +304,13 @@ pub enum ResidualBlock {
 }
 
 impl ResidualBlock {
+    pub(crate) fn set_precision(&mut self, precision: Precision) {
+        match self {
+            ResidualBlock::Basic(block) => block.set_precision(precision),
+            ResidualBlock::Bottleneck(block) => block.set_precision(precision),
+        }
+    }
+
     /// Applies the block; see [`BasicBlock::forward`] and [`Bottleneck::forward`].
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         match self {

@@ -3,6 +3,8 @@
 use burn::config::Config;
 use serde::{Deserialize, Serialize};
 
+use crate::Precision;
+
 /// Which residual block the network stacks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BlockKind {
@@ -81,6 +83,9 @@ pub struct ResNetConfig {
     /// narrow networks used in tests and on small data sets.
     #[config(default = 64)]
     pub base_channels: usize,
+    /// The float types the network computes in; f32 by default (see [`Precision`]).
+    #[config(default = "Precision::F32")]
+    pub precision: Precision,
 }
 
 /// A [`ResNetConfig`] that cannot be built, with the values at fault.

@@ -25,8 +25,10 @@
 //!   [`forward_features`](ResNet::forward_features),
 //!   [`forward_stages`](ResNet::forward_stages), [`with_new_head`](ResNet::with_new_head),
 //!   [`trainable_params`](ResNet::trainable_params).
-//! - [`BasicBlock`], [`Bottleneck`] and [`Downsample`] ([`block`]): the residual blocks;
-//!   [`conv2d`], their convolution, for layers of your own.
+//! - [`BasicBlock`], [`Bottleneck`] and [`Downsample`] ([`block`]): the residual blocks.
+//! - [`Precision`]: the float types a network computes in (f32, or f16 convolutions on GPUs),
+//!   a value of its config ([`ResNetConfig::with_precision`]) and of the network
+//!   ([`ResNet::with_precision`]).
 //! - [`torchvision`]: torchvision weights in and out: [`ResNet::load_torchvision`] reads
 //!   `.pth` (without running the pickle) and `.safetensors` files strictly, with
 //!   [`ImportError`] listing every offending key; [`ResNet::save_torchvision`] writes
@@ -37,29 +39,26 @@
 //! ## Backends
 //! Nothing here names a backend: the device a model is built on decides. The cargo features
 //! `flex` (default), `ndarray`, `wgpu`, `vulkan`, `metal` and `cuda` turn on the matching Burn
-//! backends together with the features that make each fast (SIMD and threads on the CPU
-//! backends, fusion and autotuning on the GPU ones).
+//! backends together with the features that make each fast: on flex and ndarray the
+//! convolutions, BatchNorm and pooling run on [`burn-cpu-kernels`](burn_cpu_kernels); the GPU
+//! backends get fusion and autotuning.
 
 #![warn(missing_docs)]
 
 pub mod block;
 pub mod config;
-#[cfg(any(feature = "flex", feature = "ndarray"))]
-mod cpu;
-mod geometry;
-mod gpu;
+mod ops;
+mod precision;
 #[cfg(feature = "pretrained")]
 pub mod pretrained;
 mod pth;
 pub mod resnet;
 mod seeded;
-#[cfg(test)]
-mod testing;
 pub mod torchvision;
 
-pub use block::{BasicBlock, Bottleneck, Downsample, ResidualBlock, conv2d};
+pub use block::{BasicBlock, Bottleneck, Downsample, ResidualBlock};
 pub use config::{BlockKind, ConfigError, ResNetConfig, Stem};
-pub use gpu::{GpuConv, GpuPrecision, gpu_conv, gpu_precision, set_gpu_conv, set_gpu_precision};
+pub use precision::{ParsePrecisionError, Precision};
 pub use resnet::{InputError, ResNet};
 pub use torchvision::{ImportError, LoadOptions, StateDictEntry};
 

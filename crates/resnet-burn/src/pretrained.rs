@@ -126,12 +126,10 @@ impl Pretrained {
         &stem[stem.rfind('-').map_or(0, |i| i + 1)..]
     }
 
-    /// The default cache folder: `$RESNET_BURN_CACHE`, else `$TORCH_HOME/hub/checkpoints`
-    /// (so files torchvision downloaded are reused), else `~/.cache/torch/hub/checkpoints`.
+    /// The default cache folder, torch hub's (so files torchvision downloaded are reused):
+    /// `$TORCH_HOME/hub/checkpoints`, else `~/.cache/torch/hub/checkpoints`. Pass another
+    /// folder to [`fetch`](Self::fetch) to keep the files elsewhere.
     pub fn default_dir() -> PathBuf {
-        if let Some(dir) = std::env::var_os("RESNET_BURN_CACHE") {
-            return dir.into();
-        }
         let torch_home = std::env::var_os("TORCH_HOME")
             .map(PathBuf::from)
             .or_else(|| {

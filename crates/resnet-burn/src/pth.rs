@@ -32,7 +32,8 @@ pub(crate) fn read(path: &Path, bytes: &[u8]) -> Result<Vec<(String, RawTensor)>
         let mut file = zip
             .by_name(name)
             .map_err(|e| format(format!("cannot open {name} in the archive ({e})")))?;
-        let mut data = Vec::with_capacity(file.size() as usize);
+        // The size is the archive's claim: no entry is larger than the archive itself.
+        let mut data = Vec::with_capacity((file.size() as usize).min(bytes.len()));
         file.read_to_end(&mut data)
             .map_err(|e| format(format!("cannot read {name} in the archive ({e})")))?;
         Ok(data)
@@ -161,8 +162,29 @@ struct TensorRef {
 impl TensorRef {
     /// The elements of the view in row-major order, or `None` if it leaves the storage.
     fn gather(&self, storage: &[u8]) -> Option<RawTensor> {
-        let count: usize = self.shape.iter().product();
         let size = self.dtype.size();
+        // The shape and strides are the file's claims: refuse a view with more elements than
+        // its storage holds (a state dict never broadcasts) or reaching past it, before
+        // allocating anything of that size.
+        let count = self
+            .shape
+            .iter()
+            .try_fold(1usize, |count, &d| count.checked_mul(d))?;
+        let last = self
+            .shape
+            .iter()
+            .zip(&self.stride)
+            .try_fold(self.offset, |at, (&d, &s)| {
+                at.checked_add(d.saturating_sub(1).checked_mul(s)?)
+            })?;
+        let fits = |elements: usize| {
+            elements
+                .checked_mul(size)
+                .is_some_and(|b| b <= storage.len())
+        };
+        if count > 0 && !(fits(count) && fits(last.checked_add(1)?)) {
+            return None;
+        }
         let mut values = Vec::with_capacity(count);
         let mut index = vec![0usize; self.shape.len()];
         for _ in 0..count {

@@ -6,10 +6,10 @@ use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::{Device, Tensor};
 
-use crate::block::{
-    BasicBlock, BlockSpec, Bottleneck, ConvSpec, ResidualBlock, batch_norm, conv_bn,
-};
+use crate::Precision;
+use crate::block::{BasicBlock, BlockSpec, Bottleneck, ConvSpec, ResidualBlock, batch_norm};
 use crate::config::{BlockKind, ConfigError, ResNetConfig, Stem};
+use crate::ops::{Epilogue, conv_bn, max_pool};
 
 /// A residual network as torchvision builds it: ResNet, ResNeXt or Wide ResNet.
 ///
@@ -173,12 +173,10 @@ impl ResNet {
     /// stage with `replace_stride_with_dilation` keeps the previous stage's size). The CIFAR
     /// stem has strides 1, 2, 4, 8.
     pub fn forward_stages(&self, x: Tensor<4>) -> [Tensor<4>; 4] {
-        let x = conv_bn(&self.conv1, &self.bn1, x, true);
+        let precision = self.config.precision;
+        let x = conv_bn(&self.conv1, &self.bn1, x, Epilogue::Relu, precision);
         let x = match &self.maxpool {
-            #[cfg(any(feature = "flex", feature = "ndarray"))]
-            Some(pool) => crate::cpu::max_pool(pool, x),
-            #[cfg(not(any(feature = "flex", feature = "ndarray")))]
-            Some(pool) => pool.forward(x),
+            Some(pool) => max_pool(pool, x),
             None => x,
         };
         let c2 = forward_stage(&self.layer1, x);
@@ -219,6 +217,28 @@ impl ResNet {
         self.fc = LinearConfig::new(self.config.feature_channels(), num_classes).init(device);
         self.config.num_classes = num_classes;
         Ok(self)
+    }
+
+    /// The float types this network computes in (see [`Precision`]).
+    pub fn precision(&self) -> Precision {
+        self.config.precision
+    }
+
+    /// The same network, computing in `precision` from now on; its weights are unchanged.
+    /// Two networks in one process may compute in different precisions.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.config.precision = precision;
+        for stage in [
+            &mut self.layer1,
+            &mut self.layer2,
+            &mut self.layer3,
+            &mut self.layer4,
+        ] {
+            for block in stage.iter_mut() {
+                block.set_precision(precision);
+            }
+        }
+        self
     }
 
     /// Number of trainable parameters, as torchvision counts them:
@@ -278,6 +298,7 @@ impl StageBuilder<'_> {
             dilation: previous_dilation,
             downsample: stride != 1 || self.in_channels != planes * expansion,
             zero_init_residual: config.zero_init_residual,
+            precision: config.precision,
         };
         let rest = BlockSpec {
             in_channels: planes * expansion,

@@ -39,22 +39,27 @@ impl ResNetConfig {
     }
 }
 
-/// Replaces each random parameter with one drawn from `rng`, by the module it belongs to:
-/// a convolution's weight from torchvision's `kaiming_normal_(mode="fan_out",
-/// nonlinearity="relu")`, a linear layer's weight and bias from PyTorch's default
-/// `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`. BatchNorm's parameters are constants and stay.
+/// Replaces each random parameter with one drawn from `rng`: a convolution's weight (the only
+/// 4-d parameter) from torchvision's `kaiming_normal_(mode="fan_out", nonlinearity="relu")`, a
+/// linear layer's weight (the only 2-d one) and its bias (the 1-d `bias` visited right after
+/// it) from PyTorch's default `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`. BatchNorm's parameters
+/// (`gamma`, `beta`) are constants and stay.
+///
+/// Parameters are told apart by their rank and field name, the names of Burn's `Conv2d`,
+/// `Linear` and `BatchNorm` fields (public API), not by the container names burn-derive
+/// generates; the test `a_seed_redraws_every_random_parameter` fails if a Burn release
+/// changes what is visited.
 struct SeededInit {
     rng: StdRng,
-    /// The fields entered, with the type of the module that holds each.
-    fields: Vec<(String, String)>,
+    /// The fields entered, innermost last.
+    fields: Vec<String>,
     /// The input size of the linear layer whose weight was drawn last (its bias comes next).
     linear_fan_in: Option<usize>,
 }
 
 impl ModuleMapper for SeededInit {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.fields
-            .push((name.to_owned(), container_type.to_owned()));
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.fields.push(name.to_owned());
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
@@ -62,20 +67,19 @@ impl ModuleMapper for SeededInit {
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let Some((field, container)) = self.fields.last() else {
-            return param;
-        };
+        let field = self.fields.last().map_or("", String::as_str);
         let dims: [usize; D] = param.lazy_shape().dims();
-        let distribution = match (container.as_str(), field.as_str(), dims.as_slice()) {
-            ("Struct:Conv2d", "weight", &[out_channels, _, kh, kw]) => {
+        let distribution = match (field, dims.as_slice()) {
+            ("weight", &[out_channels, _, kh, kw]) => {
+                self.linear_fan_in = None;
                 let fan_out = out_channels * kh * kw;
                 Distribution::Normal(0.0, (2.0 / fan_out as f64).sqrt())
             }
-            ("Struct:Linear", "weight", &[fan_in, _]) => {
+            ("weight", &[fan_in, _]) => {
                 self.linear_fan_in = Some(fan_in);
                 uniform_for(fan_in)
             }
-            ("Struct:Linear", "bias", _) => match self.linear_fan_in {
+            ("bias", &[_]) => match self.linear_fan_in.take() {
                 Some(fan_in) => uniform_for(fan_in),
                 None => return param,
             },
@@ -92,68 +96,4 @@ impl ModuleMapper for SeededInit {
 fn uniform_for(fan_in: usize) -> Distribution {
     let bound = 1.0 / (fan_in as f64).sqrt();
     Distribution::Uniform(-bound, bound)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::Stem;
-    use crate::testing::devices;
-    use burn::module::ModuleVisitor;
-
-    /// Every parameter, flattened, in visiting order.
-    fn values(model: &ResNet) -> Vec<Vec<f32>> {
-        struct Collect(Vec<Vec<f32>>);
-        impl ModuleVisitor for Collect {
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-                let data = param.val().into_data().convert::<f32>();
-                self.0.push(data.try_to_vec::<f32>().expect("f32"));
-            }
-        }
-        let mut collect = Collect(Vec::new());
-        model.visit(&mut collect);
-        collect.0
-    }
-
-    /// One seed, the same weights on every backend, also while other threads draw from
-    /// Burn's generator; another seed, other weights; the distributions are torchvision's.
-    #[test]
-    fn a_seed_gives_the_same_weights_everywhere() {
-        let config = ResNetConfig::resnet18(10)
-            .with_stem(Stem::Cifar)
-            .with_base_channels(8);
-        let (flex, _) = devices().remove(0);
-        let expected = values(&config.try_init_seeded(&flex, 11).unwrap());
-        let noise = std::thread::spawn(move || {
-            for _ in 0..50 {
-                let _ = Tensor::<1>::random([1000], Distribution::Default, &flex);
-            }
-        });
-        for (device, _) in devices() {
-            for device in [device.clone(), device.autodiff()] {
-                let got = values(&config.try_init_seeded(&device, 11).unwrap());
-                assert_eq!(got, expected, "{device:?}");
-            }
-        }
-        noise.join().unwrap();
-        let (flex, _) = devices().remove(0);
-        let other = values(&config.try_init_seeded(&flex, 12).unwrap());
-        assert_ne!(other[0], expected[0]);
-
-        // conv1: 8 x 3 x 3 x 3, N(0, sqrt(2 / (8 * 9))); fc: 64 -> 10, U(-1/8, 1/8).
-        let conv = &expected[0];
-        let std = (conv.iter().map(|v| v * v).sum::<f32>() / conv.len() as f32).sqrt();
-        assert!(
-            (std - (2.0f32 / 72.0).sqrt()).abs() < 0.05,
-            "conv1 std {std}"
-        );
-        let (fc_weight, fc_bias) = (&expected[expected.len() - 2], &expected[expected.len() - 1]);
-        assert_eq!((fc_weight.len(), fc_bias.len()), (640, 10));
-        for v in fc_weight.iter().chain(fc_bias) {
-            assert!(v.abs() <= 0.125, "{v}");
-        }
-        assert!(fc_weight.iter().any(|v| v.abs() > 0.1));
-        // BatchNorm's weights and biases keep their constants.
-        assert!(expected[1].iter().all(|&v| v == 1.0) && expected[2].iter().all(|&v| v == 0.0));
-    }
 }

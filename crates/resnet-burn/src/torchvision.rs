@@ -247,8 +247,24 @@ impl ResNet {
         options: &LoadOptions,
     ) -> Result<Self, ImportError> {
         let path = path.as_ref();
-        let tensors = read_weights(path)?;
-        self.apply_weights(path, tensors, options)
+        let bytes = std::fs::read(path).map_err(|source| ImportError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.load_torchvision_bytes(&bytes, path, options)
+    }
+
+    /// [`load_torchvision_with`](Self::load_torchvision_with) on the bytes of a `.pth` or
+    /// `.safetensors` file already in memory (embedded, downloaded); errors call them `name`.
+    pub fn load_torchvision_bytes(
+        self,
+        bytes: &[u8],
+        name: impl AsRef<Path>,
+        options: &LoadOptions,
+    ) -> Result<Self, ImportError> {
+        let name = name.as_ref();
+        let tensors = parse_weights(name, bytes)?;
+        self.apply_weights(name, tensors, options)
     }
 
     fn apply_weights(
@@ -374,17 +390,14 @@ impl ResNet {
     }
 }
 
-/// Reads a `.pth` or `.safetensors` file into named f32 tensors.
-fn read_weights(path: &Path) -> Result<Vec<(String, RawTensor)>, ImportError> {
-    let bytes = std::fs::read(path).map_err(|source| ImportError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+/// Parses the bytes of a `.pth` or `.safetensors` file (`path` names it in errors) into named
+/// f32 tensors.
+fn parse_weights(path: &Path, bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, ImportError> {
     if bytes.starts_with(b"PK") {
-        return crate::pth::read(path, &bytes);
+        return crate::pth::read(path, bytes);
     }
     let tensors =
-        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| ImportError::Format {
+        safetensors::SafeTensors::deserialize(bytes).map_err(|e| ImportError::Format {
             path: path.to_path_buf(),
             message: format!("neither a torch.save zip file nor safetensors ({e})"),
         })?;

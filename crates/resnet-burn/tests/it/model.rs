@@ -10,6 +10,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use resnet_burn::{BlockKind, ConfigError, InputError, ResNet, ResNetConfig, ResidualBlock, Stem};
 use serde::Deserialize;
 
+use crate::support::{pseudo_random, relative_error, tempdir, values};
+
 device_tests!(
     output_shapes_of_small_presets,
     dilation_keeps_resolution,
@@ -29,41 +31,6 @@ pub fn tiny(block: BlockKind) -> ResNetConfig {
         .with_num_classes(10)
         .with_base_channels(8)
         .with_stem(Stem::Cifar)
-}
-
-/// Deterministic values in [-1, 1), the same on every device.
-pub fn pseudo_random(shape: [usize; 4], seed: u64, device: &Device) -> Tensor<4> {
-    let count = shape.iter().product();
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let values: Vec<f32> = (0..count)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_data(TensorData::new(values, shape), device)
-}
-
-pub fn values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
-    tensor
-        .into_data()
-        .try_into_vec_as::<f32>()
-        .expect("f32 data")
-}
-
-/// Largest absolute difference, relative to the largest absolute value of `expected`.
-pub fn relative_error(actual: &[f32], expected: &[f32]) -> f32 {
-    assert_eq!(actual.len(), expected.len(), "lengths differ");
-    let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
-    let diff = actual
-        .iter()
-        .zip(expected)
-        .fold(0f32, |m, (a, e)| m.max((a - e).abs()));
-    diff / scale
 }
 
 fn stage_shapes(model: &ResNet, input: Tensor<4>) -> [[usize; 4]; 4] {
@@ -274,16 +241,6 @@ fn every_config_error_names_the_value_at_fault() {
 #[should_panic(expected = "invalid ResNetConfig: num_classes must be at least 1")]
 fn init_panics_with_the_config_error() {
     ResNetConfig::resnet18(0).init(&Device::flex());
-}
-
-pub fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "resnet-burn-test-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -567,7 +524,7 @@ fn blocks_of(model: &ResNet) -> usize {
 #[test]
 fn backends_agree_on_the_same_weights() {
     let reference_device = Device::flex();
-    let others = [crate::devices::ndarray(), crate::devices::wgpu()];
+    let others = crate::support::other_devices();
     let configs = [
         ResNetConfig::resnet18(10).with_stem(Stem::Cifar),
         tiny(BlockKind::Bottleneck)

@@ -2,11 +2,11 @@
 //! read the storage in place, on ndarray they read a copy.
 //!
 //! - [`CpuTraining`]: the convolution alone ([`Im2col::forward`], or Winograd's
-//!   [`forward`](super::winograd::Winograd::forward) where [`Im2col::winograd`] applies) and
+//!   [`forward`](crate::winograd::Winograd::forward) where [`Im2col::winograd`] applies) and
 //!   BatchNorm with the batch's statistics ([`Planes::forward`]); on `Autodiff` over a CPU
 //!   backend each records its own backward step ([`Im2col::backward`], or Winograd's
-//!   [`input_grad`](super::winograd::Winograd::input_grad) and
-//!   [`weight_grad`](super::winograd::Winograd::weight_grad); [`Planes::backward`]) instead
+//!   [`input_grad`](crate::winograd::Winograd::input_grad) and
+//!   [`weight_grad`](crate::winograd::Winograd::weight_grad); [`Planes::backward`]) instead
 //!   of Burn's generic ones (a transposed convolution; BatchNorm's elementwise passes);
 //! - [`CpuInference`], inference only: the convolution followed by an [`Affine`] map
 //!   (BatchNorm with running statistics), the residual and ReLU, applied to each image's
@@ -32,10 +32,10 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{AutodiffBackend, Backend, TensorMetadata, backend_extension};
 use burn::tensor::TensorData;
 
-use super::Affine;
-use super::im2col::Im2col;
-use super::norm::{NormGradients, Normalized, Planes};
-use super::pool::MaxPool;
+use crate::im2col::Im2col;
+use crate::norm::{NormGradients, Normalized, Planes};
+use crate::pool::MaxPool;
+use crate::{Affine, ConvAlgorithm};
 
 /// Training, with gradients on `Autodiff`:
 ///
@@ -56,6 +56,7 @@ pub trait CpuTraining: Backend {
         weight: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [usize; 2],
+        algorithm: ConvAlgorithm,
     ) -> FloatTensor<Self>;
 
     fn batch_norm_train_planes(
@@ -77,6 +78,7 @@ pub trait CpuInference: Backend {
         stride: [usize; 2],
         padding: [usize; 2],
         affine: Affine,
+        algorithm: ConvAlgorithm,
     ) -> FloatTensor<Self>;
 
     fn host_conv2d_affine_residual(
@@ -86,6 +88,7 @@ pub trait CpuInference: Backend {
         stride: [usize; 2],
         padding: [usize; 2],
         affine: Affine,
+        algorithm: ConvAlgorithm,
     ) -> FloatTensor<Self>;
 
     fn max_pool2d_planes(
@@ -173,9 +176,11 @@ fn geometry<B: Backend>(
     weight: &FloatTensor<B>,
     stride: [usize; 2],
     padding: [usize; 2],
+    algorithm: ConvAlgorithm,
 ) -> Im2col {
     Im2col::new(x.shape().dims(), weight.shape().dims(), stride, padding)
         .expect("the caller checked the convolution's geometry")
+        .with_algorithm(algorithm)
 }
 
 /// The convolution of the images `x` by `weight`, with `epilogue(i, out)` on each image's
@@ -197,8 +202,9 @@ fn conv<B: HostTensors>(
     weight: FloatTensor<B>,
     stride: [usize; 2],
     padding: [usize; 2],
+    algorithm: ConvAlgorithm,
 ) -> FloatTensor<B> {
-    let geometry = geometry::<B>(&x, &weight, stride, padding);
+    let geometry = geometry::<B>(&x, &weight, stride, padding, algorithm);
     let (x, weight) = (B::host(x), B::host(weight));
     let out = convolve(&geometry, x.values(), weight.values(), |_, _| {});
     B::from_host(out, &geometry.out_shape())
@@ -211,8 +217,9 @@ fn conv_affine<B: HostTensors>(
     stride: [usize; 2],
     padding: [usize; 2],
     affine: &Affine,
+    algorithm: ConvAlgorithm,
 ) -> FloatTensor<B> {
-    let geometry = geometry::<B>(&x, &weight, stride, padding);
+    let geometry = geometry::<B>(&x, &weight, stride, padding, algorithm);
     let (x, weight) = (B::host(x), B::host(weight));
     let residual = residual.map(B::host);
     let residual = residual.as_ref().map(Host::values);
@@ -273,8 +280,9 @@ macro_rules! on_host {
                 weight: FloatTensor<Self>,
                 stride: [usize; 2],
                 padding: [usize; 2],
+                algorithm: ConvAlgorithm,
             ) -> FloatTensor<Self> {
-                conv::<Self>(x, weight, stride, padding)
+                conv::<Self>(x, weight, stride, padding, algorithm)
             }
 
             fn batch_norm_train_planes(
@@ -294,8 +302,9 @@ macro_rules! on_host {
                 stride: [usize; 2],
                 padding: [usize; 2],
                 affine: Affine,
+                algorithm: ConvAlgorithm,
             ) -> FloatTensor<Self> {
-                conv_affine::<Self>(x, weight, None, stride, padding, &affine)
+                conv_affine::<Self>(x, weight, None, stride, padding, &affine, algorithm)
             }
 
             fn host_conv2d_affine_residual(
@@ -305,8 +314,17 @@ macro_rules! on_host {
                 stride: [usize; 2],
                 padding: [usize; 2],
                 affine: Affine,
+                algorithm: ConvAlgorithm,
             ) -> FloatTensor<Self> {
-                conv_affine::<Self>(x, weight, Some(residual), stride, padding, &affine)
+                conv_affine::<Self>(
+                    x,
+                    weight,
+                    Some(residual),
+                    stride,
+                    padding,
+                    &affine,
+                    algorithm,
+                )
             }
 
             fn max_pool2d_planes(
@@ -333,6 +351,7 @@ struct Saved<B: Backend> {
     weight: FloatTensor<B>,
     stride: [usize; 2],
     padding: [usize; 2],
+    algorithm: ConvAlgorithm,
 }
 
 #[derive(Debug)]
@@ -349,8 +368,9 @@ impl<B: HostTensors> Backward<B, 2> for HostConvBackward {
             weight,
             stride,
             padding,
+            algorithm,
         } = ops.state;
-        let geometry = geometry::<B>(&x, &weight, stride, padding);
+        let geometry = geometry::<B>(&x, &weight, stride, padding, algorithm);
         let (x, weight) = (B::host(x), B::host(weight));
         let (x, weight, grad) = (x.values(), weight.values(), grad.values());
         let (want_x, want_weight) = (x_node.is_some(), weight_node.is_some());
@@ -434,6 +454,7 @@ impl<B: HostTensors + CpuTraining, C: CheckpointStrategy> CpuTraining for Autodi
         weight: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [usize; 2],
+        algorithm: ConvAlgorithm,
     ) -> FloatTensor<Self> {
         let nodes = [x.node(), weight.node()];
         let (x, weight) = (x.into_primitive(), weight.into_primitive());
@@ -443,16 +464,19 @@ impl<B: HostTensors + CpuTraining, C: CheckpointStrategy> CpuTraining for Autodi
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let out = B::host_conv2d(x.clone(), weight.clone(), stride, padding);
+                let out = B::host_conv2d(x.clone(), weight.clone(), stride, padding, algorithm);
                 let saved = Saved {
                     x,
                     weight,
                     stride,
                     padding,
+                    algorithm,
                 };
                 prep.finish(saved, out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::host_conv2d(x, weight, stride, padding)),
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::host_conv2d(x, weight, stride, padding, algorithm))
+            }
         }
     }
 

@@ -1,6 +1,7 @@
-//! cifar10-burn: the reader on generated files in the official format, on the real data
-//! when `CIFAR10_DIR` is set, augmentation properties and batches.
+//! The reader on generated files in the official format, on the real data when `CIFAR10_DIR`
+//! is set, augmentation properties and batches.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -8,53 +9,13 @@ use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
 use burn::tensor::Device;
 use cifar10_burn::augment::{Choice, crop, cutout, flip_horizontal, normalize};
-use cifar10_burn::format::{IMAGE_BYTES, RECORD_BYTES, encode_batch};
+use cifar10_burn::format::{IMAGE_BYTES, RECORD_BYTES};
+
+use crate::files::{image, scratch, write_fake_cifar};
 use cifar10_burn::{
     Augmentation, Cifar10Batcher, Cifar10Dataset, Cifar10Error, Cifar10Item, EpochLoader,
     HostBatch, Rng, Split,
 };
-
-/// A fresh folder for one test.
-pub fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cifar10-burn-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
-}
-
-/// A recognizable image: every byte derived from the label and the record's index.
-pub fn image(label: u8, index: usize) -> Vec<u8> {
-    (0..IMAGE_BYTES)
-        .map(|p| ((p * 7 + index * 13 + label as usize * 31) % 251) as u8)
-        .collect()
-}
-
-/// Writes a folder in the official layout with `per_file` records per batch file; record
-/// `i` of a file has label `i % 10`.
-pub fn write_fake_cifar(dir: &Path, per_file: usize) {
-    // The files are numbered within their split: the first test file is numbered as the first
-    // training file.
-    let train_files = Split::Train.files().len();
-    write_cifar_files(dir, per_file, |file, i| {
-        let label = (i % 10) as u8;
-        (label, image(label, (file % train_files) * 1000 + i))
-    });
-}
-
-/// Writes the six files of the official layout, training files first, `per_file` records each:
-/// `record(file, i)`, the label and the image of record `i` of the `file`-th of them.
-pub fn write_cifar_files(
-    dir: &Path,
-    per_file: usize,
-    record: impl Fn(usize, usize) -> (u8, Vec<u8>),
-) {
-    let files = Split::Train.files().iter().chain(Split::Test.files());
-    for (file, name) in files.enumerate() {
-        let images: Vec<(u8, Vec<u8>)> = (0..per_file).map(|i| record(file, i)).collect();
-        let bytes = encode_batch(images.iter().map(|(l, im)| (*l, im.as_slice())));
-        std::fs::write(dir.join(name), bytes).expect("write batch");
-    }
-}
 
 fn write_tar_gz(archive: &Path, folder: &Path, prefix: &str) {
     let file = std::fs::File::create(archive).expect("archive");
@@ -474,4 +435,89 @@ fn a_batch_splits_into_near_equal_consecutive_shards() {
         labels: Vec::new(),
     };
     assert!(empty.split(2).is_empty());
+}
+
+/// Whether `error` names `path`.
+fn named(error: &Cifar10Error, path: &Path) -> bool {
+    error.to_string().contains(&path.display().to_string())
+}
+
+/// Damaged batch files and archives, seeded: truncations, bit flips (labels above 9 among
+/// them) and tar headers that claim huge sizes. Each is refused with an error that names the
+/// file, or read (a flipped pixel is still a picture); none panics.
+#[test]
+fn damaged_files_are_errors_never_panics() {
+    let dir = scratch("mutants");
+    let batches = dir.join("cifar-10-batches-bin");
+    std::fs::create_dir_all(&batches).unwrap();
+    write_fake_cifar(&batches, 20);
+    let archive = dir.join("cifar-10-binary.tar.gz");
+    write_tar_gz(&archive, &batches, "cifar-10-batches-bin");
+    let test = batches.join("test_batch.bin");
+    let original = std::fs::read(&test).unwrap();
+    let archive_bytes = std::fs::read(&archive).unwrap();
+    let tar_bytes = {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(archive_bytes.as_slice())
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    };
+    let mut state = 2026u64;
+    let mut next = move |n: usize| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as usize) % n.max(1)
+    };
+    let (mut read, mut refused, mut failures) = (0, 0, Vec::new());
+    let mut check = |path: &Path, what: String, result: std::thread::Result<_>| match result {
+        Ok(Ok(_)) => read += 1,
+        Ok(Err(error)) if named(&error, path) => refused += 1,
+        Ok(Err(error)) => {
+            failures.push(format!("{what}: the error does not name the file: {error}"))
+        }
+        Err(_) => failures.push(format!("{what} panicked")),
+    };
+    for i in 0..300 {
+        let mut bytes = original.clone();
+        match i % 3 {
+            0 => bytes.truncate(next(bytes.len())),
+            1 => {
+                for _ in 0..1 + next(8) {
+                    let at = next(bytes.len());
+                    bytes[at] ^= 1 << next(8);
+                }
+            }
+            _ => bytes[next(20) * RECORD_BYTES] = 10 + next(246) as u8,
+        }
+        std::fs::write(&test, &bytes).unwrap();
+        let result = std::panic::catch_unwind(|| Cifar10Dataset::new(&batches, Split::Test));
+        check(&test, format!("batch mutant #{i}"), result);
+    }
+    std::fs::write(&test, &original).unwrap();
+    std::fs::remove_dir_all(&batches).unwrap();
+    for i in 0..60 {
+        let mut tar = tar_bytes.clone();
+        match i % 3 {
+            0 => tar.truncate(next(tar.len())),
+            1 => {
+                // A size field of a tar header (bytes 124..136 of a 512-byte block) made huge.
+                let block = 512 * next(tar.len() / 512);
+                tar[block + 124..block + 136].copy_from_slice(b"77777777777\0");
+            }
+            _ => {
+                let at = next(tar.len());
+                tar[at] ^= 1 << next(8);
+            }
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &tar).unwrap();
+        std::fs::write(&archive, gz.finish().unwrap()).unwrap();
+        let result = std::panic::catch_unwind(|| Cifar10Dataset::new(&archive, Split::Train));
+        check(&archive, format!("archive mutant #{i}"), result);
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    println!("360 damaged files: {refused} refused, {read} read");
+    assert!(refused > 200, "only {refused} refused");
 }

@@ -9,8 +9,8 @@
 //! convolution takes 36. F(4x4, 3x3) does the same with 4x4 output blocks and 6x6 input
 //! ones: 36 multiplications where the direct convolution takes 144, for transforms with more
 //! terms and a rounding error 7 to 9 times larger (still below 1e-5 of the output's
-//! magnitude; `rounding_error_on_resnet_layers`). The forward and the input's gradient use
-//! either ([`Algorithm`]); the weight's gradient F(2x2, 3x3).
+//! magnitude; `rounding_error_on_residual_network_layers`). The forward and the input's
+//! gradient use either ([`Algorithm`]); the weight's gradient F(2x2, 3x3).
 //!
 //! The products are the `gemm` crate's. The transforms compute eight blocks at a time, in
 //! AVX2 vectors where the CPU has them (in SSE2 ones elsewhere on x86-64). Images are shared
@@ -24,14 +24,14 @@ use std::mem::MaybeUninit;
 /// The output pixels a panel's products are given at least, where images are small: several
 /// images side by side. 256 blocks of F(2x2, 3x3), 64 of F(4x4, 3x3), whose transformed
 /// blocks hold 2.25 values a pixel where F(2x2, 3x3)'s hold 4. With 256 blocks of
-/// F(4x4, 3x3) instead, its forward (72a9cf0's transforms) took 1.4-1.7x as long on 64
+/// F(4x4, 3x3) instead, its forward took 1.4-1.7x as long on 64
 /// images of 64 channels of 32x32 to 256 of 8x8, in two rounds of three (the same in the
 /// third; 2 cores, whose L2 caches hold 512 KiB, the fastest of 9 runs, timed by a throwaway
 /// test).
 const PANEL_PIXELS: usize = 1024;
 
 /// The output pixels a thread from which [`Winograd::weight_grad`] beats im2col's
-/// product. Measured with `speed_against_im2col` on 2 cores, on 1,024 pixels (512 a thread)
+/// product. Measured with the `kernels` bench on 2 cores, on 1,024 pixels (512 a thread)
 /// it ran at 1.04-1.23x im2col's speed (64 to 512 channels), on 784 at 0.75-1.05x, on 196-392
 /// at 0.5-0.76x, and on 3,136 or more at 1.27-1.84x (0.96x on one image of 3,136, where only
 /// the products are parallel).
@@ -63,16 +63,6 @@ impl Algorithm {
         match self {
             Self::F2 => 2,
             Self::F4 => 4,
-        }
-    }
-
-    /// How far its results may stray from exact ones, relative to their largest magnitude,
-    /// in tests.
-    #[cfg(test)]
-    fn tolerance(self) -> f32 {
-        match self {
-            Self::F2 => 1e-5,
-            Self::F4 => 1e-4,
         }
     }
 
@@ -1014,10 +1004,8 @@ impl Winograd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::im2col::Im2col;
-    use crate::testing::{
-        assert_values_close as assert_close, assert_values_within, seeded_values as values,
-    };
+    use crate::im2col::Im2col;
+    use crate::testing::{assert_values_close as assert_close, seeded_values as values};
 
     const ALGORITHMS: [Algorithm; 2] = [Algorithm::F2, Algorithm::F4];
 
@@ -1147,13 +1135,13 @@ mod tests {
         }
     }
 
-    /// The rounding error of each algorithm on ResNet's layers (two images, He-initialized
-    /// weights), against the direct convolution in f64: the largest difference over the
+    /// The rounding error of each algorithm on a residual network's layers (two images,
+    /// He-initialized weights), against the direct convolution in f64: the largest difference over the
     /// output's largest magnitude, printed with `--nocapture`. Measured 3.2e-7 to 9.0e-7 for
     /// F(2x2, 3x3) and 2.3e-6 to 6.7e-6 for F(4x4, 3x3) (64 channels of 32x32 to 512 of 4x4;
     /// 7.4e-6 to 1.3e-5 with Lavin and Gray's points), where f32 itself rounds at 6e-8.
     #[test]
-    fn rounding_error_on_resnet_layers() {
+    fn rounding_error_on_residual_network_layers() {
         for (c, side) in [(64, 32), (128, 16), (256, 8), (512, 4)] {
             let g = Winograd::new(2, c, side, side, c);
             let x = values(2 * g.image_len(), 1);
@@ -1177,123 +1165,6 @@ mod tests {
                 assert!(error <= bound * scale, "{line}: more than {bound}");
             }
             println!("{line}");
-        }
-    }
-
-    /// A measurement more than a test (hence ignored): the speed of Winograd's F(2x2, 3x3)
-    /// and F(4x4, 3x3) against im2col's on ResNet's 3x3 layers, each of the three computations,
-    /// median milliseconds of 7 runs (the forward's including the weight's transform), having
-    /// checked that they agree. ResNet-18's layers on CIFAR-10, with `LAYERS=imagenet`
-    /// ResNet-50's on ImageNet, or layers of one's own (`LAYERS=256,256,8;512,512,4`: input
-    /// channels, output channels, side), on `BATCH` images (default 64):
-    ///
-    /// ```text
-    /// cargo test --release -p resnet-burn --lib -- --ignored --nocapture speed_against_im2col
-    /// LAYERS=imagenet BATCH=4 cargo test --release -p resnet-burn --lib -- --ignored \
-    ///     --nocapture speed_against_im2col
-    /// ```
-    #[test]
-    #[ignore = "a measurement: run it with --nocapture"]
-    fn speed_against_im2col() {
-        use std::time::Instant;
-
-        let batch = std::env::var("BATCH").map_or(64, |b| b.parse().expect("BATCH: a number"));
-        // Input channels, output channels, side. On CIFAR-10, the stem and a 16-channel layer
-        // too, which show where Winograd stops paying (`WINOGRAD_CHANNELS` in `im2col.rs`).
-        let layers = match std::env::var("LAYERS").as_deref() {
-            Ok("imagenet") => vec![(64, 64, 56), (128, 128, 28), (256, 256, 14), (512, 512, 7)],
-            Ok(layers) => layers
-                .split(';')
-                .map(|layer| {
-                    let numbers: Vec<usize> = layer
-                        .split(',')
-                        .map(|n| n.trim().parse().expect("LAYERS: numbers"))
-                        .collect();
-                    match numbers[..] {
-                        [c, o, side] => (c, o, side),
-                        _ => panic!("LAYERS: `c,o,side` a layer, `;` between layers"),
-                    }
-                })
-                .collect(),
-            Err(_) => vec![
-                (3, 64, 32),
-                (16, 16, 32),
-                (64, 64, 32),
-                (128, 128, 16),
-                (256, 256, 8),
-                (512, 512, 4),
-            ],
-        };
-        type Computation<'a> = dyn Fn() -> Vec<f32> + 'a;
-        let median_ms = |f: &Computation| {
-            let mut times: Vec<f64> = (0..7)
-                .map(|_| {
-                    let start = Instant::now();
-                    std::hint::black_box(f());
-                    start.elapsed().as_secs_f64() * 1e3
-                })
-                .collect();
-            times.sort_by(f64::total_cmp);
-            times[3]
-        };
-        println!("{batch} images: milliseconds im2col / F(2x2, 3x3) / F(4x4, 3x3)");
-        for (c, o, side) in layers {
-            let f2 = Winograd::new(batch, c, side, side, o);
-            let f4 = f2.with_algorithm(Algorithm::F4);
-            let im = Im2col::new([batch, c, side, side], [o, c, 3, 3], [1, 1], [1, 1])
-                .expect("a valid geometry");
-            let x = values(batch * f2.image_len(), 1);
-            let weight = values(o * c * 9, 2);
-            let grad = values(batch * f2.out_image_len(), 3);
-            let (x, weight, grad) = (&x, &weight, &grad);
-            let forward = |g: Winograd| move || g.forward(x, &g.weight(weight), |_, _| {});
-            let input_grad = |g: Winograd| move || g.input_grad(grad, weight);
-            let (f2_forward, f4_forward) = (forward(f2), forward(f4));
-            let (f2_input_grad, f4_input_grad) = (input_grad(f2), input_grad(f4));
-            let f2_weight_grad = || f2.weight_grad(x, grad);
-            // im2col's, then Winograd's (the weight's gradient is F(2x2, 3x3)'s only).
-            let cases: [(&str, &Computation, Vec<&Computation>); 3] = [
-                (
-                    "forward",
-                    &|| im.forward(x, weight, |_, _| {}),
-                    vec![&f2_forward, &f4_forward],
-                ),
-                (
-                    "input gradient",
-                    &|| {
-                        im.backward(x, weight, grad, true, false)
-                            .0
-                            .expect("asked for")
-                    },
-                    vec![&f2_input_grad, &f4_input_grad],
-                ),
-                (
-                    "weight gradient",
-                    &|| {
-                        im.backward(x, weight, grad, false, true)
-                            .1
-                            .expect("asked for")
-                    },
-                    vec![&f2_weight_grad],
-                ),
-            ];
-            println!("{c} -> {o} channels, {side}x{side}:");
-            for (what, im2col, winograd) in cases {
-                let want = im2col();
-                let base = median_ms(im2col);
-                let mut line = format!("  {what}: {base:.1}");
-                for (computation, algorithm) in winograd.into_iter().zip(ALGORITHMS) {
-                    assert_values_within(
-                        &format!("{what} of {c} -> {o}, {side}x{side} by {algorithm:?}"),
-                        &computation(),
-                        &want,
-                        algorithm.tolerance(),
-                    );
-                    let ms = median_ms(computation);
-                    line += &format!(" / {ms:.1} ({:.2}x)", base / ms);
-                }
-                println!("{line}");
-            }
         }
     }
 }

@@ -1,30 +1,18 @@
-//! What the unit tests share: the devices they run on and how they compare tensors.
+//! What the unit tests share: the devices they run on and how they compare values.
 
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-/// Every backend compiled in, and whether it is a GPU backend (wgpu on the default adapter:
-/// lavapipe, on the CPU, in CI).
+/// The accelerated devices compiled in.
 #[allow(deprecated)] // Burn 0.22 deprecates ndarray; this crate still supports it.
-pub(crate) fn devices() -> Vec<(Device, bool)> {
+pub(crate) fn host_devices() -> Vec<Device> {
     Vec::from([
         #[cfg(feature = "flex")]
-        (Device::flex(), false),
+        Device::flex(),
         #[cfg(feature = "ndarray")]
-        (Device::ndarray(), false),
-        #[cfg(feature = "wgpu")]
-        (Device::wgpu(burn::tensor::DeviceKind::DefaultDevice), true),
+        Device::ndarray(),
     ])
-}
-
-/// The CPU backends compiled in: the host kernels run on each.
-#[cfg(any(feature = "flex", feature = "ndarray"))]
-pub(crate) fn host_devices() -> Vec<Device> {
-    devices()
-        .into_iter()
-        .filter_map(|(device, gpu)| (!gpu).then_some(device))
-        .collect()
 }
 
 /// The largest difference between two tensors, relative to the largest magnitude of the
@@ -47,8 +35,7 @@ pub(crate) fn seeded_normal<const D: usize>(
     Tensor::from_data(data, device)
 }
 
-/// Values in [-1, 1) drawn from `seed`, for the host kernels.
-#[cfg(any(feature = "flex", feature = "ndarray"))]
+/// Values in [-1, 1) drawn from `seed`.
 pub(crate) fn seeded_values(len: usize, seed: u64) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
@@ -56,14 +43,12 @@ pub(crate) fn seeded_values(len: usize, seed: u64) -> Vec<f32> {
 
 /// Asserts that each value of `got` is within 1e-5 of `want`'s largest magnitude (or of 1)
 /// of the value of `want` at the same place.
-#[cfg(any(feature = "flex", feature = "ndarray"))]
 pub(crate) fn assert_values_close(what: &str, got: &[f32], want: &[f32]) {
     assert_values_within(what, got, want, 1e-5);
 }
 
 /// Asserts that each value of `got` is within `tolerance` times `want`'s largest magnitude
 /// (or 1) of the value of `want` at the same place.
-#[cfg(any(feature = "flex", feature = "ndarray"))]
 pub(crate) fn assert_values_within(what: &str, got: &[f32], want: &[f32], tolerance: f32) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));

@@ -12,8 +12,9 @@ use rayon::prelude::*;
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 
-use super::winograd::{Algorithm, Winograd};
+use crate::ConvAlgorithm;
 use crate::geometry::{is_plain, output_size};
+use crate::winograd::{Algorithm, Winograd};
 
 /// The output pixels a product of the backward is given at least, where images are small:
 /// several images side by side (see `Im2col::backward_group`).
@@ -21,20 +22,22 @@ const PANEL_COLUMNS: usize = 256;
 
 /// The fewest channels, in and out, for which [`Im2col::winograd`] computes a 3x3
 /// convolution: its products are over the input channels (the output channels for the input's
-/// gradient), and with few of them the transforms cost more than they save. Measured on 64
-/// images (`speed_against_im2col` in `winograd.rs`), Winograd ran at 0.43-0.6x im2col's speed
-/// on CIFAR-10's stem (3 channels) and at 1.08-2.1x with 16.
+/// gradient), and with few of them the transforms cost more than they save. A heuristic, set
+/// with the `kernels` bench (`cargo bench -p burn-cpu-kernels`) on a 2-core AVX2 x86-64 (AMD
+/// EPYC): on 64 images Winograd ran at 0.43-0.6x im2col's speed with 3 input channels and at
+/// 1.08-2.1x with 16.
 const WINOGRAD_CHANNELS: usize = 16;
 
 /// The fewest output pixels over the batch for which [`Im2col::winograd`] computes a 3x3
 /// convolution: Winograd transforms the whole weight whatever the batch, which few pixels do
-/// not repay. Measured forward with `speed_against_im2col` (2 cores), 512 channels ran at
-/// 0.36x im2col's speed on 16 pixels (one 4x4 image), 0.58x on 64, 1.0-1.2x on 196-256 and
-/// 1.3-1.5x on 1,024; 256 channels at 0.82x on 64, 1.1-1.2x on 256-392.
+/// not repay. A heuristic, set with the `kernels` bench on the same machine: forward, 512
+/// channels ran at 0.36x im2col's speed on 16 pixels (one 4x4 image), 0.58x on 64, 1.0-1.2x
+/// on 196-256 and 1.3-1.5x on 1,024; 256 channels at 0.82x on 64, 1.1-1.2x on 256-392.
 const WINOGRAD_PIXELS: usize = 256;
 
 /// The smallest image side (height and width) for which [`Im2col::winograd`] takes
-/// F(4x4, 3x3) rather than F(2x2, 3x3). Measured with `speed_against_im2col` (2 cores, twice),
+/// F(4x4, 3x3) rather than F(2x2, 3x3). A heuristic, set with the `kernels` bench on the same
+/// machine (twice):
 /// F(4x4, 3x3) ran the forward and the input's gradient 1.1-1.9x as fast as F(2x2, 3x3) on 64
 /// images of 16 to 256 channels from 32x32 to 8x8, and 0.95-2.0x on 8 ImageNet images of
 /// 56x56 to 14x14; but 0.6-0.7x on 512 channels of 4x4 and 0.5-0.55x on 512 of 7x7, where the
@@ -57,6 +60,7 @@ pub(crate) struct Im2col {
     padding: [usize; 2],
     out_height: usize,
     out_width: usize,
+    algorithm: ConvAlgorithm,
 }
 
 impl Im2col {
@@ -91,7 +95,13 @@ impl Im2col {
                 padding,
                 out_height,
                 out_width,
+                algorithm: ConvAlgorithm::Auto,
             })
+    }
+
+    /// The same geometry, computed by `algorithm` where it applies (see [`Self::winograd`]).
+    pub(crate) fn with_algorithm(self, algorithm: ConvAlgorithm) -> Self {
+        Self { algorithm, ..self }
     }
 
     pub(crate) fn stride(&self) -> [usize; 2] {
@@ -158,26 +168,34 @@ impl Im2col {
     /// F(4x4, 3x3) on images of [`WINOGRAD_4_SIDE`] pixels a side or more, else by
     /// F(2x2, 3x3). (Its weight's gradient asks for more: [`Winograd::weight_grad_pays`].)
     pub(crate) fn winograd(&self) -> Option<Winograd> {
-        (self.kernel == [3, 3]
-            && self.stride == [1, 1]
-            && self.padding == [1, 1]
-            && self.channels.min(self.out_channels) >= WINOGRAD_CHANNELS
-            && self.batch * self.pixels() >= WINOGRAD_PIXELS)
-            .then(|| {
-                let algorithm = if self.height.min(self.width) >= WINOGRAD_4_SIDE {
+        let stencil = self.kernel == [3, 3] && self.stride == [1, 1] && self.padding == [1, 1];
+        let algorithm = match self.algorithm {
+            ConvAlgorithm::Im2col => return None,
+            ConvAlgorithm::WinogradF2 => Algorithm::F2,
+            ConvAlgorithm::WinogradF4 => Algorithm::F4,
+            ConvAlgorithm::Auto => {
+                let pays = self.channels.min(self.out_channels) >= WINOGRAD_CHANNELS
+                    && self.batch * self.pixels() >= WINOGRAD_PIXELS;
+                if !pays {
+                    return None;
+                }
+                if self.height.min(self.width) >= WINOGRAD_4_SIDE {
                     Algorithm::F4
                 } else {
                     Algorithm::F2
-                };
-                Winograd::new(
-                    self.batch,
-                    self.channels,
-                    self.height,
-                    self.width,
-                    self.out_channels,
-                )
-                .with_algorithm(algorithm)
-            })
+                }
+            }
+        };
+        stencil.then(|| {
+            Winograd::new(
+                self.batch,
+                self.channels,
+                self.height,
+                self.width,
+                self.out_channels,
+            )
+            .with_algorithm(algorithm)
+        })
     }
 
     /// An im2col buffer, empty where the input is its own matrix.
@@ -295,9 +313,9 @@ impl Im2col {
     /// given a buffer) and returns the sum of their weight gradients (when `want_weight`).
     ///
     /// The products take `span` images at a time, side by side (see [`Self::panel_images`]):
-    /// one image of ResNet-18's last stage on CIFAR-10 has 16 output pixels, and its weight
-    /// gradient alone is a product that reads and writes the whole gradient (2.4 million
-    /// values) for 16 multiply-adds per value.
+    /// one 4x4 image (the last stage of an 18-layer residual network on CIFAR-10) has 16
+    /// output pixels, and its weight gradient alone is a product that reads and writes the
+    /// whole gradient (2.4 million values) for 16 multiply-adds per value.
     fn backward_group(
         &self,
         input: &[f32],
@@ -527,8 +545,9 @@ impl Im2col {
     /// Calls `visit(r, oy, source)` for every row `r` of the im2col matrix, in order, and
     /// every output row `oy`: `source` tells where in the image that stretch of output
     /// columns reads, `None` where its input row is padding. The loops run over channels and
-    /// kernel positions, with no division per row: a 4x4 image (ResNet-18's last stage on
-    /// CIFAR-10) has rows of 4 values, and a row's indices were computed with four.
+    /// kernel positions, with no division per row: a 4x4 image (the last stage of a residual
+    /// network on CIFAR-10) has rows of 4 values, and a row's indices were computed with
+    /// four.
     fn segments(&self, mut visit: impl FnMut(usize, usize, Option<Segment>)) {
         let [kh, kw] = self.kernel;
         let [sy, sx] = self.stride;
@@ -705,7 +724,7 @@ mod tests {
         assert_eq!(
             winograd(64, 64, 64, 3, 1, 1, 32),
             f4,
-            "ResNet-18's first stage"
+            "64 channels at 32x32"
         );
         assert_eq!(winograd(64, 256, 256, 3, 1, 1, 8), f4, "its third");
         assert_eq!(
@@ -717,7 +736,7 @@ mod tests {
         assert_eq!(
             winograd(8, 512, 512, 3, 1, 1, 7),
             f2,
-            "ResNet-50's last, 392 pixels"
+            "512 channels at 7x7, 392 pixels"
         );
         assert_eq!(
             winograd(5, 16, 24, 3, 1, 1, 15),
@@ -730,7 +749,7 @@ mod tests {
         assert_eq!(
             winograd(4, 512, 512, 3, 1, 1, 7),
             None,
-            "ResNet-50's last stage, 196 pixels"
+            "512 channels at 7x7, 196 pixels"
         );
     }
 

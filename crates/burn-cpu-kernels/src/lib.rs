@@ -1,56 +1,149 @@
-//! Convolutions on the CPU backends (flex, ndarray) through one matrix product an image
-//! ([`im2col`]) or, for ResNet's 3x3 convolutions of stride 1, Winograd's minimal filtering
-//! ([`winograd`]), and the stem's max pooling ([`pool`]).
+//! # burn-cpu-kernels
 //!
-//! Burn's flex convolution converts its input to channels-last and builds its im2col
-//! matrix tile by tile; on ResNet's early layers (64 channels at 32x32, batch 64) that runs at
-//! half PyTorch's speed (`python3 benches/compare.py --bench layers`). Its backward is Burn's
-//! generic one (a transposed convolution for the input, a convolution for the weight).
-//! Here each image's im2col matrix (`[in_channels * k * k, out_h * out_w]`, built from NCHW
-//! rows with plain copies) is multiplied by the weight matrix (`[out_channels,
-//! in_channels * k * k]`, the weight tensor as it is) with the `gemm` crate that flex uses
-//! too, images in parallel; the backward is the two transposed products and col2im. A 3x3
-//! convolution of stride 1 and padding 1 with 16 channels or more and enough pixels goes
-//! through Winograd's minimal filtering instead, forward and backward: F(2x2, 3x3), which
-//! takes 2.25 times fewer multiplications, and on images of 8x8 or more F(4x4, 3x3) in the
-//! forward and the input's gradient, 4 times fewer ([`im2col::Im2col::winograd`]).
+//! Fast convolutional-network operations for [Burn](https://burn.dev)'s CPU backends, flex
+//! and ndarray, for any model: each entry point takes Burn's modules and tensors, computes with
+//! this crate's kernels where they apply and with Burn's operations everywhere else (other
+//! backends, dtypes or geometries), so a model calls it without asking which device it is on.
 //!
-//! - In inference ([`fused`]), BatchNorm (running statistics), the residual and ReLU are
-//!   applied to each output channel while the output is in cache.
-//! - In training ([`conv`](mod@conv)), the convolution is a backend extension
-//!   ([`conv::CpuTraining`]) with its own backward step, and so is BatchNorm
-//!   ([`batch_norm_train`], through [`norm`]: Burn's generic one copies and re-reads each
-//!   activation about ten times); ReLU stays Burn's.
+//! ```
+//! use burn::nn::conv::Conv2dConfig;
+//! use burn::nn::{BatchNormConfig, PaddingConfig2d};
+//! use burn::tensor::{Device, Tensor};
+//! use burn_cpu_kernels::{Epilogue, conv_batch_norm};
 //!
-//! The convolutions apply to ungrouped, undilated, bias-free f32 convolutions on
-//! `Device::flex()` and `Device::ndarray()` (with or without autodiff), BatchNorm in training
-//! to every f32 input there; everything else (other backends, ResNeXt's grouped and dilated
-//! convolutions) goes through Burn's `Conv2d` and `BatchNorm`.
+//! let device = Device::flex();
+//! let conv = Conv2dConfig::new([16, 32], [3, 3])
+//!     .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+//!     .with_bias(false)
+//!     .init(&device);
+//! let bn = BatchNormConfig::new(32).init(&device);
+//! let x = Tensor::<4>::ones([2, 16, 8, 8], &device);
+//! // relu(bn(conv(x))), in one pass over each image's output in inference.
+//! let y = conv_batch_norm(&conv, &bn, x, Epilogue::Relu);
+//! assert_eq!(y.dims(), [2, 32, 8, 8]);
+//! ```
+//!
+//! ## Entry points
+//! - [`conv2d`] (and [`conv2d_with`], which names the [`ConvAlgorithm`]): a 2-d convolution,
+//!   forward and backward.
+//! - [`conv_batch_norm`]: a convolution, BatchNorm and an [`Epilogue`] (ReLU, or a residual
+//!   add then ReLU): fused into one pass in inference.
+//! - [`batch_norm`]: BatchNorm as PyTorch's `BatchNorm2d` computes it, in training too.
+//! - [`max_pool2d`]: max pooling, in inference.
+//! - [`is_accelerated`]: whether a device runs these kernels.
+//!
+//! ## How
+//! Each image's convolution is one matrix product (im2col, built from NCHW rows with plain
+//! copies, times the weight as it is) with the `gemm` crate that flex uses too, images in
+//! parallel on rayon's pool; the backward is the two transposed products and col2im, several
+//! small images side by side. A 3x3 convolution of stride 1 and padding 1 with enough channels
+//! and pixels goes through Winograd's minimal filtering instead, forward and backward:
+//! F(2x2, 3x3), which takes 2.25 times fewer multiplications, and on images of 8x8 or more
+//! F(4x4, 3x3) in the forward and the input's gradient, 4 times fewer.
+//!
+//! In inference the BatchNorm (running statistics), residual and ReLU after a convolution are
+//! applied to each output channel while it is in cache. In training the convolution and
+//! BatchNorm are Burn backend extensions with their own backward steps: BatchNorm takes three
+//! passes over the activation forward and two backward, where Burn's generic one copies it and
+//! makes about ten.
+//!
+//! The kernels take ungrouped, undilated, bias-free f32 convolutions with symmetric padding and
+//! f32 BatchNorm on `Device::flex()` and `Device::ndarray()`, with or without autodiff.
+//!
+//! ## Features
+//! `flex` and `ndarray` turn on the kernels for each backend (and the backend itself in Burn,
+//! with its SIMD and thread features). Without either, every entry point is Burn's operation.
 
-mod conv;
+#![warn(missing_docs)]
+
+#[cfg(any(feature = "flex", feature = "ndarray"))]
+mod extension;
+mod geometry;
+#[cfg(any(feature = "flex", feature = "ndarray"))]
 mod im2col;
+#[cfg(any(feature = "flex", feature = "ndarray"))]
 mod norm;
+#[cfg(any(feature = "flex", feature = "ndarray"))]
 mod pool;
+#[cfg(all(test, any(feature = "flex", feature = "ndarray")))]
+mod testing;
+#[cfg(any(feature = "flex", feature = "ndarray"))]
 mod winograd;
 
-use burn::backend::Dispatch;
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;
+use burn::tensor::Tensor;
+use burn::tensor::activation::relu;
 use burn::tensor::module::BatchNormTrainOutput;
-use burn::tensor::{DType, Device, Tensor};
+#[cfg(any(feature = "flex", feature = "ndarray"))]
+use burn::{
+    backend::Dispatch,
+    tensor::{DType, Device},
+};
 
-use crate::geometry::symmetric_padding;
-
-use conv::{CpuInference, CpuTraining};
+#[cfg(any(feature = "flex", feature = "ndarray"))]
+use extension::{CpuInference, CpuTraining};
+#[cfg(any(feature = "flex", feature = "ndarray"))]
 use im2col::Im2col;
+#[cfg(any(feature = "flex", feature = "ndarray"))]
 use norm::Planes;
+#[cfg(any(feature = "flex", feature = "ndarray"))]
 use pool::MaxPool;
 
-/// Whether `device` is one of the CPU backends with the host kernels (with or without
-/// autodiff: an autodiff device compares equal to the device it wraps).
+/// How [`conv2d_with`] computes a convolution where this crate's kernels apply.
+///
+/// Every algorithm gives the same convolution to float rounding: relative to the output's
+/// largest magnitude, im2col and F(2x2, 3x3) stay within 1e-5 of an exact result and
+/// F(4x4, 3x3) within 1e-4 (it rounds 7 to 9 times as much as F(2x2, 3x3); measured by the
+/// tests in `src/winograd.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ConvAlgorithm {
+    /// The fastest for the geometry, by the heuristics in `src/im2col.rs` (measured with the
+    /// `kernels` bench of this crate).
+    #[default]
+    Auto,
+    /// im2col and one matrix product an image, for every geometry.
+    Im2col,
+    /// Winograd's F(2x2, 3x3) for 3x3 convolutions of stride 1 and padding 1, im2col for
+    /// the others.
+    WinogradF2,
+    /// Winograd's F(4x4, 3x3) for 3x3 convolutions of stride 1 and padding 1 in the forward
+    /// and the input's gradient (the weight's gradient stays F(2x2, 3x3)'s), im2col for the
+    /// others.
+    WinogradF4,
+}
+
+/// What follows BatchNorm in [`conv_batch_norm`].
+#[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // passed by value once a call; boxing would allocate
+pub enum Epilogue {
+    /// Nothing: `bn(conv(x))`.
+    None,
+    /// `relu(bn(conv(x)))`.
+    Relu,
+    /// `relu(bn(conv(x)) + residual)`, the end of a residual block; the residual has the
+    /// output's shape.
+    AddRelu(Tensor<4>),
+}
+
+impl Epilogue {
+    /// Applies the epilogue to `x` with Burn's operations.
+    pub fn apply(self, x: Tensor<4>) -> Tensor<4> {
+        match self {
+            Epilogue::None => x,
+            Epilogue::Relu => relu(x),
+            Epilogue::AddRelu(residual) => relu(x + residual),
+        }
+    }
+}
+
+/// Whether `device` runs this crate's kernels: flex or ndarray, with or without autodiff,
+/// where the matching feature is on.
 #[allow(deprecated)] // Burn 0.22 deprecates ndarray; this crate still supports it.
-pub(crate) fn on_host(device: &Device) -> bool {
+pub fn is_accelerated(device: &burn::tensor::Device) -> bool {
+    // An autodiff device compares equal to the device it wraps.
     #[cfg(feature = "flex")]
     if *device == Device::flex() {
         return true;
@@ -59,78 +152,160 @@ pub(crate) fn on_host(device: &Device) -> bool {
     if *device == Device::ndarray() {
         return true;
     }
+    let _ = device;
     false
 }
 
-/// The im2col geometry of `conv` on `x`, if the computation applies: f32 on a CPU backend
-/// ([`on_host`]).
+/// The im2col geometry of `conv` on `x`, if the kernels compute it: f32 on an accelerated
+/// device, ungrouped, undilated, bias-free, symmetrically padded.
+#[cfg(any(feature = "flex", feature = "ndarray"))]
 fn applies(conv: &Conv2d, x: &Tensor<4>) -> Option<Im2col> {
-    if !on_host(&x.device()) || x.dtype() != DType::F32 || conv.weight.dtype() != DType::F32 {
+    if !is_accelerated(&x.device()) || x.dtype() != DType::F32 || conv.weight.dtype() != DType::F32
+    {
         return None;
     }
-    Im2col::for_conv(conv, x.dims(), symmetric_padding(&conv.padding)?)
+    Im2col::for_conv(conv, x.dims(), geometry::symmetric_padding(&conv.padding)?)
 }
 
-/// `conv(x)`, through im2col + gemm where it applies (in training too), else Burn's.
-pub(crate) fn conv(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    match applies(conv, &x) {
-        Some(geometry) => Tensor::from_dispatch(<Dispatch as CpuTraining>::host_conv2d(
+/// `conv.forward(x)`, by [`ConvAlgorithm::Auto`]: `[batch, in, H, W] -> [batch, out, H', W']`.
+///
+/// ```
+/// use burn::nn::conv::Conv2dConfig;
+/// use burn::nn::PaddingConfig2d;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let conv = Conv2dConfig::new([3, 8], [3, 3])
+///     .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+///     .with_bias(false)
+///     .init(&device);
+/// let x = Tensor::<4>::ones([2, 3, 16, 16], &device);
+/// let ours = burn_cpu_kernels::conv2d(&conv, x.clone());
+/// let burns = conv.forward(x);
+/// assert!(ours.sub(burns).abs().max().into_scalar::<f32>() < 1e-4);
+/// ```
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    conv2d_with(conv, x, ConvAlgorithm::Auto)
+}
+
+/// `conv.forward(x)` by `algorithm` where the kernels apply (with their own backward step on an
+/// autodiff device), else Burn's convolution.
+pub fn conv2d_with(conv: &Conv2d, x: Tensor<4>, algorithm: ConvAlgorithm) -> Tensor<4> {
+    #[cfg(any(feature = "flex", feature = "ndarray"))]
+    if let Some(geometry) = applies(conv, &x) {
+        return Tensor::from_dispatch(<Dispatch as CpuTraining>::host_conv2d(
             x.into_dispatch(),
             conv.weight.val().into_dispatch(),
             geometry.stride(),
             geometry.padding(),
-        )),
-        None => conv.forward(x),
+            algorithm,
+        ));
     }
+    let _ = algorithm;
+    conv.forward(x)
 }
 
-/// `relu?(bn(conv(x)) [+ residual])` (ReLU always after a residual) in inference, through
-/// [`CpuInference`] where it applies; `None` where it does not.
+/// `epilogue(bn(conv(x)))`: `[batch, in, H, W] -> [batch, out, H', W']`.
 ///
-/// The tensors are read where they are (a clone of a flex tensor shares its storage), so a
-/// block can keep `x` for its shortcut at no cost.
-pub(crate) fn fused(
+/// In inference (a device without autodiff) on an accelerated device, BatchNorm with its
+/// running statistics, the residual and ReLU are applied to each image's output right after
+/// its product, in one pass. Elsewhere it is [`conv2d`], [`batch_norm`] and the epilogue.
+pub fn conv_batch_norm(
     conv: &Conv2d,
     bn: &BatchNorm,
-    x: &Tensor<4>,
-    relu: bool,
-    residual: Option<&Tensor<4>>,
-) -> Option<Tensor<4>> {
+    x: Tensor<4>,
+    epilogue: Epilogue,
+) -> Tensor<4> {
+    #[cfg(any(feature = "flex", feature = "ndarray"))]
+    if let Some(out) = fused(conv, bn, &x, &epilogue) {
+        return out;
+    }
+    epilogue.apply(batch_norm(bn, conv2d(conv, x)))
+}
+
+/// [`conv_batch_norm`] in one pass where it applies; `None` where it does not.
+///
+/// The tensors are read where they are (a clone of a flex tensor shares its storage).
+#[cfg(any(feature = "flex", feature = "ndarray"))]
+fn fused(conv: &Conv2d, bn: &BatchNorm, x: &Tensor<4>, epilogue: &Epilogue) -> Option<Tensor<4>> {
     let inference = !x.device().is_autodiff();
     let im2col = applies(conv, x).filter(|_| inference)?;
-    let residual_ok =
-        residual.is_none_or(|r| r.dims() == im2col.out_shape() && r.dtype() == DType::F32);
-    if !residual_ok {
-        return None;
-    }
-    let affine = Affine::of(bn, im2col.out_channels(), relu || residual.is_some())?;
+    let residual_ok = match epilogue {
+        Epilogue::AddRelu(r) => r.dims() == im2col.out_shape() && r.dtype() == DType::F32,
+        _ => true,
+    };
+    let relu = !matches!(epilogue, Epilogue::None);
+    let affine = Affine::of(bn, im2col.out_channels(), relu).filter(|_| residual_ok)?;
     let (x, weight) = (x.clone().into_dispatch(), conv.weight.val().into_dispatch());
     let (stride, padding) = (im2col.stride(), im2col.padding());
-    Some(Tensor::from_dispatch(match residual {
-        None => <Dispatch as CpuInference>::host_conv2d_affine(x, weight, stride, padding, affine),
-        Some(residual) => <Dispatch as CpuInference>::host_conv2d_affine_residual(
+    let algorithm = ConvAlgorithm::Auto;
+    Some(Tensor::from_dispatch(match epilogue {
+        Epilogue::AddRelu(residual) => <Dispatch as CpuInference>::host_conv2d_affine_residual(
             x,
             weight,
             residual.clone().into_dispatch(),
             stride,
             padding,
             affine,
+            algorithm,
+        ),
+        _ => <Dispatch as CpuInference>::host_conv2d_affine(
+            x, weight, stride, padding, affine, algorithm,
         ),
     }))
 }
 
-/// `bn(x)` in training on a CPU backend, through [`CpuTraining`]: the output, and the
-/// batch's mean and biased variance, as Burn's `batch_norm_train` returns them (the caller
-/// updates the running statistics); `None` where it does not apply: in inference, on other
-/// backends, for a frozen BatchNorm (which Burn's module runs with its running statistics),
-/// for other dtypes than f32 and for inputs without values.
-pub(crate) fn batch_norm_train(bn: &BatchNorm, x: &Tensor<4>) -> Option<BatchNormTrainOutput<4>> {
+/// `bn.forward(x)` as PyTorch's `BatchNorm2d` computes it.
+///
+/// In training (Burn's rule: an autodiff device and a module not frozen) the output is
+/// normalized with the batch's statistics and the running statistics move toward the batch's
+/// mean and its *unbiased* variance, as PyTorch's do (Burn's module takes the biased one). On
+/// an accelerated device the training pass is this crate's kernel, with its own backward step.
+/// In inference it is Burn's module, with the running statistics.
+pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    if !(x.device().is_autodiff() && bn.training.is_enabled()) {
+        return bn.forward(x);
+    }
+    let [batch, _, height, width] = x.dims();
+    #[cfg(any(feature = "flex", feature = "ndarray"))]
+    let train = batch_norm_train(bn, &x);
+    #[cfg(not(any(feature = "flex", feature = "ndarray")))]
+    let train = None;
+    let BatchNormTrainOutput {
+        output,
+        mean,
+        variance,
+    } = train.unwrap_or_else(|| {
+        burn::tensor::module::batch_norm_train(x, bn.gamma.val(), bn.beta.val(), bn.epsilon)
+    });
+    // The unbiased variance of the `count` values each channel's statistics are taken over
+    // (a single value, which PyTorch refuses in training, keeps its variance of 0).
+    let count = (batch * height * width) as f64;
+    let unbiased = variance.mul_scalar(count / (count - 1.0).max(1.0));
+    for (running, batch) in [(&bn.running_mean, mean), (&bn.running_var, unbiased)] {
+        let value = running
+            .value_sync()
+            .to_device(&batch.device())
+            .mul_scalar(1.0 - bn.momentum)
+            .add(batch.mul_scalar(bn.momentum));
+        running.update(value.detach());
+    }
+    output
+}
+
+/// `bn(x)` in training through [`CpuTraining`]: the output, and the batch's mean and biased
+/// variance, as Burn's `batch_norm_train` returns them (the caller updates the running
+/// statistics); `None` where it does not apply: in inference, on other backends, for a frozen
+/// BatchNorm (which Burn's module runs with its running statistics), for other dtypes than f32
+/// and for inputs without values.
+#[cfg(any(feature = "flex", feature = "ndarray"))]
+fn batch_norm_train(bn: &BatchNorm, x: &Tensor<4>) -> Option<BatchNormTrainOutput<4>> {
     let device = x.device();
     // Burn's rule for the training path: an autodiff device and a layer not frozen.
     let training = device.is_autodiff() && bn.training.is_enabled();
     let (gamma, beta) = (bn.gamma.val(), bn.beta.val());
     let applies = training
-        && on_host(&device)
+        && is_accelerated(&device)
         && [x.dtype(), gamma.dtype(), beta.dtype()] == [DType::F32; 3]
         && x.dims()[1] == gamma.dims()[0]
         && Planes::new(x.dims()).is_some();
@@ -150,26 +325,30 @@ pub(crate) fn batch_norm_train(bn: &BatchNorm, x: &Tensor<4>) -> Option<BatchNor
     })
 }
 
-/// `pool(x)` in inference on a CPU backend through [`MaxPool`] where it applies (f32, no
-/// dilation, floor rounding, symmetric padding), else Burn's.
-pub(crate) fn max_pool(pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
-    let inference = on_host(&x.device()) && !x.device().is_autodiff();
-    let geometry = symmetric_padding(&pool.padding)
-        .filter(|_| {
-            inference && x.dtype() == DType::F32 && pool.dilation == [1, 1] && !pool.ceil_mode
-        })
-        .and_then(|padding| MaxPool::new(x.dims(), pool.kernel_size, pool.stride, padding));
-    match geometry {
-        Some(geometry) => Tensor::from_dispatch(<Dispatch as CpuInference>::max_pool2d_planes(
-            x.into_dispatch(),
-            geometry.kernel(),
-            geometry.stride(),
-            geometry.padding(),
-        )),
-        None => pool.forward(x),
+/// `pool.forward(x)`; in inference on an accelerated device through this crate's kernel where
+/// it applies (f32, no dilation, floor rounding, symmetric padding), else Burn's.
+pub fn max_pool2d(pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
+    #[cfg(any(feature = "flex", feature = "ndarray"))]
+    {
+        let inference = is_accelerated(&x.device()) && !x.device().is_autodiff();
+        let geometry = geometry::symmetric_padding(&pool.padding)
+            .filter(|_| {
+                inference && x.dtype() == DType::F32 && pool.dilation == [1, 1] && !pool.ceil_mode
+            })
+            .and_then(|padding| MaxPool::new(x.dims(), pool.kernel_size, pool.stride, padding));
+        if let Some(geometry) = geometry {
+            return Tensor::from_dispatch(<Dispatch as CpuInference>::max_pool2d_planes(
+                x.into_dispatch(),
+                geometry.kernel(),
+                geometry.stride(),
+                geometry.padding(),
+            ));
+        }
     }
+    pool.forward(x)
 }
 
+#[cfg(any(feature = "flex", feature = "ndarray"))]
 /// BatchNorm in evaluation as a per-channel `x * scale + shift`, then ReLU if `relu`.
 #[derive(Clone, Debug)]
 pub(crate) struct Affine {
@@ -235,7 +414,7 @@ impl Affine {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, any(feature = "flex", feature = "ndarray")))]
 mod tests {
     use super::*;
     use crate::testing::{host_devices, relative_difference, seeded_normal};
@@ -271,10 +450,10 @@ mod tests {
         bn
     }
 
-    /// Every geometry ResNet uses: batch, in, out, kernel, stride, padding, side.
+    /// Every geometry of a residual network: batch, in, out, kernel, stride, padding, side.
     const CASES: [(usize, usize, usize, usize, usize, usize, usize); 9] = [
-        (4, 8, 16, 3, 1, 1, 9),   // ResNet's 3x3, by im2col (few channels)
-        (5, 16, 24, 3, 1, 1, 15), // ResNet's 3x3, by Winograd (odd side)
+        (4, 8, 16, 3, 1, 1, 9),   // 3x3, by im2col (few channels)
+        (5, 16, 24, 3, 1, 1, 15), // 3x3, by Winograd (odd side)
         (4, 8, 16, 3, 2, 1, 9),   // stride 2, odd side
         (3, 8, 16, 3, 2, 1, 8),   // stride 2, even side
         (2, 3, 8, 7, 2, 3, 21),   // ImageNet stem
@@ -325,7 +504,7 @@ mod tests {
                 let ours = reference.clone();
                 let x_ours = x.clone().detach().require_grad();
                 let x_reference = x.detach().require_grad();
-                let out_ours = conv(&ours, x_ours.clone());
+                let out_ours = conv2d(&ours, x_ours.clone());
                 let out_reference = reference.forward(x_reference.clone());
                 // A loss whose gradient differs at every output position.
                 let weights =
@@ -352,8 +531,8 @@ mod tests {
         }
     }
 
-    /// The fast path against Burn's convolution and BatchNorm, for every geometry ResNet
-    /// uses, with and without ReLU.
+    /// The fast path against Burn's convolution and BatchNorm, for every geometry of a
+    /// residual network, with and without ReLU.
     #[test]
     fn matches_burns_convolution_and_batch_norm() {
         for device in host_devices() {
@@ -370,13 +549,11 @@ mod tests {
                     relu(reference.clone()),
                     relu(reference + residual.clone()),
                 ];
-                let inputs = [(false, None), (true, None), (false, Some(residual))];
-                for (expected, (relu, residual)) in expected.into_iter().zip(inputs) {
-                    let what = format!(
-                        "{kernel}x{kernel} stride {stride} padding {padding} relu {relu} residual {}",
-                        residual.is_some()
-                    );
-                    let Some(got) = fused(&conv, &bn, &x, relu, residual.as_ref()) else {
+                let epilogues = [Epilogue::None, Epilogue::Relu, Epilogue::AddRelu(residual)];
+                for (expected, epilogue) in expected.into_iter().zip(epilogues) {
+                    let what =
+                        format!("{kernel}x{kernel} stride {stride} padding {padding} {epilogue:?}");
+                    let Some(got) = fused(&conv, &bn, &x, &epilogue) else {
                         panic!("{what}: the fast path does not apply");
                     };
                     assert_eq!(got.dims(), expected.dims());
@@ -396,7 +573,7 @@ mod tests {
     /// The values are seeded, the same on every run. Burn sums in f32, and with 3 values a
     /// channel the input's gradient cancels: drawn from Burn's shared generator, whose draws
     /// depend on the other tests, one run differed from ours by 1.5e-5 of the largest value
-    /// (CI, 2026-11-29), where 300 seeds of these draws stayed within 9.3e-6. Hence 2e-5.
+    /// (in CI), where 300 seeds of these draws stayed within 9.3e-6. Hence 2e-5.
     #[test]
     fn training_batch_norm_matches_burns() {
         for device in host_devices() {
@@ -484,7 +661,7 @@ mod tests {
                     &device,
                 );
                 let expected = pool.forward(x.clone());
-                let got = max_pool(&pool, x);
+                let got = max_pool2d(&pool, x);
                 assert_eq!(
                     got.dims(),
                     expected.dims(),
@@ -506,7 +683,7 @@ mod tests {
             let mut values = vec![0f32; 16];
             values[3 * 4 + 3] = f32::NAN; // only the window of output (1, 1) covers (3, 3)
             let x = Tensor::<4>::from_data(TensorData::new(values, [1, 1, 4, 4]), &device);
-            let out: Vec<f32> = max_pool(&pool, x).into_data().try_to_vec().unwrap();
+            let out: Vec<f32> = max_pool2d(&pool, x).into_data().try_to_vec().unwrap();
             assert_eq!(out[..3], [0.0, 0.0, 0.0]);
             assert!(out[3].is_nan(), "{out:?}");
         }
