@@ -2,7 +2,7 @@
 # Mesa's lavapipe (Vulkan on the CPU) from Debian's bookworm-backports, unpacked into a folder of
 # its own beside the system's driver, not installed; prints the VK_ICD_FILENAMES that makes wgpu
 # use it. Debian 12's own lavapipe (Mesa 22.3.6) loses values in long reductions, and the
-# backport (Mesa 25.0.7 on 2026-11-29) does not (README.md, Known issues):
+# backport (Mesa 25.0.7) does not (README.md, Known issues):
 #
 #   eval "$(bash scripts/lavapipe_backport.sh)"
 #   CUBECL_WGPU_DEFAULT_DEVICE=Cpu cargo test --release --test it -- --ignored \

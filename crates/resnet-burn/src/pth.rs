@@ -7,6 +7,15 @@
 //! accepts only the few globals that describe tensors (`collections.OrderedDict`,
 //! `torch._utils._rebuild_tensor_v2`, `torch.FloatStorage`, ...); anything else is an
 //! error, never a call.
+//!
+//! Why a reader of our own rather than burn-store's `PytorchStore`: both refuse damaged files
+//! without panicking (`tests/it/mutations.rs` feeds each the same 600 seeded mutants of a
+//! fixture: truncations, bit flips, pickle edits with the zip's CRC made right again; neither
+//! panicked, and both refused every truncation and bit flip). Ours is strict where the store
+//! loads partially: of the 200 pickle edits it loaded 19 and the store 25, and a state dict
+//! that misses, adds or misshapes keys is one error naming every such key
+//! ([`ImportError::Mismatch`](crate::ImportError::Mismatch)). And it needs no key remapping
+//! for torchvision's names, which this crate owns in `torchvision.rs`.
 
 use std::collections::HashMap;
 use std::io::Read;
