@@ -128,7 +128,12 @@ impl TrainOptions {
         Ok(config)
     }
 
-    /// The learning rate at optimizer step `step` of `total` (`steps_per_epoch` a epoch).
+    /// The learning rate at optimizer step `step` of `total` (`steps_per_epoch` a epoch):
+    /// `lr * (step + 1) / warmup` over the warm-up steps, then a cosine from `lr` to 0.
+    ///
+    /// A pure function of the step, so a run resumed mid-epoch takes up exactly where it
+    /// stopped. burn-optim's schedulers cannot give these values: its `LinearLrScheduler`
+    /// refuses a start of 0 and a rate above 1, and its schedulers are stateful iterators.
     pub fn learning_rate(&self, step: usize, steps_per_epoch: usize, total: usize) -> f64 {
         let warmup = (self.warmup_epochs * steps_per_epoch as f64).round() as usize;
         if step < warmup {

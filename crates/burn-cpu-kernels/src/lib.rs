@@ -58,6 +58,7 @@
 
 #[cfg(any(feature = "flex", feature = "ndarray"))]
 mod extension;
+#[cfg(any(feature = "flex", feature = "ndarray"))]
 mod geometry;
 #[cfg(any(feature = "flex", feature = "ndarray"))]
 mod im2col;
@@ -357,6 +358,7 @@ pub(crate) struct Affine {
     relu: bool,
 }
 
+#[cfg(any(feature = "flex", feature = "ndarray"))]
 impl Affine {
     /// `scale = gamma / sqrt(running_var + eps)`, `shift = beta - running_mean * scale`.
     fn of(bn: &BatchNorm, channels: usize, relu: bool) -> Option<Self> {
