@@ -91,9 +91,12 @@ fn panel(
         .y_label_area_size(48)
         .build_cartesian_2d(1.0..last_epoch.max(2.0), (low - pad)..(high + pad))
         .map_err(plot_error)?;
+    let epoch_labels = (last_epoch as usize).clamp(2, 10);
     chart
         .configure_mesh()
         .x_desc("epoch")
+        .x_labels(epoch_labels)
+        .x_label_formatter(&|epoch| format!("{epoch:.0}"))
         .light_line_style(RGBColor(235, 235, 235))
         .draw()
         .map_err(plot_error)?;
