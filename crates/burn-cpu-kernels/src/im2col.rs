@@ -22,22 +22,22 @@ const PANEL_COLUMNS: usize = 256;
 
 /// The fewest channels, in and out, for which [`Im2col::winograd`] computes a 3x3
 /// convolution: its products are over the input channels (the output channels for the input's
-/// gradient), and with few of them the transforms cost more than they save. A heuristic, set
-/// with the `kernels` bench (`cargo bench -p burn-cpu-kernels`) on a 2-core AVX2 x86-64 (AMD
-/// EPYC): on 64 images Winograd ran at 0.43-0.6x im2col's speed with 3 input channels and at
-/// 1.08-2.1x with 16.
+/// gradient), and with few of them the transforms cost more than they save. A heuristic, set on
+/// a 2-core AVX2 x86-64 (AMD EPYC) with the timing loop that the `kernels` bench
+/// (`cargo bench -p burn-cpu-kernels`) now runs: on 64 images Winograd ran at 0.43-0.6x
+/// im2col's speed with 3 input channels and at 1.08-2.1x with 16.
 const WINOGRAD_CHANNELS: usize = 16;
 
 /// The fewest output pixels over the batch for which [`Im2col::winograd`] computes a 3x3
 /// convolution: Winograd transforms the whole weight whatever the batch, which few pixels do
-/// not repay. A heuristic, set with the `kernels` bench on the same machine: forward, 512
+/// not repay. A heuristic, set the same way on the same machine: forward, 512
 /// channels ran at 0.36x im2col's speed on 16 pixels (one 4x4 image), 0.58x on 64, 1.0-1.2x
 /// on 196-256 and 1.3-1.5x on 1,024; 256 channels at 0.82x on 64, 1.1-1.2x on 256-392.
 const WINOGRAD_PIXELS: usize = 256;
 
 /// The smallest image side (height and width) for which [`Im2col::winograd`] takes
-/// F(4x4, 3x3) rather than F(2x2, 3x3). A heuristic, set with the `kernels` bench on the same
-/// machine (twice):
+/// F(4x4, 3x3) rather than F(2x2, 3x3). A heuristic, set the same way on the same machine
+/// (twice):
 /// F(4x4, 3x3) ran the forward and the input's gradient 1.1-1.9x as fast as F(2x2, 3x3) on 64
 /// images of 16 to 256 channels from 32x32 to 8x8, and 0.95-2.0x on 8 ImageNet images of
 /// 56x56 to 14x14; but 0.6-0.7x on 512 channels of 4x4 and 0.5-0.55x on 512 of 7x7, where the

@@ -101,8 +101,8 @@ use pool::MaxPool;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ConvAlgorithm {
-    /// The fastest for the geometry, by the heuristics in `src/im2col.rs` (measured with the
-    /// `kernels` bench of this crate).
+    /// The fastest for the geometry, by the heuristics in `src/im2col.rs` (the `kernels`
+    /// bench of this crate times the algorithms against each other).
     #[default]
     Auto,
     /// im2col and one matrix product an image, for every geometry.
