@@ -35,6 +35,8 @@
 //!   safetensors that torchvision loads with `strict=True`.
 //! - [`pretrained`] (feature `pretrained`): torchvision's published ImageNet weights,
 //!   downloaded once and verified.
+//! - [`train`] (feature `train`): burn-train's `TrainStep` and `InferenceStep` for [`ResNet`]
+//!   and for a [`train::Classifier`] with label smoothing.
 //!
 //! ## Backends
 //! Nothing here names a backend: the device a model is built on decides. The cargo features
@@ -55,6 +57,8 @@ mod pth;
 pub mod resnet;
 mod seeded;
 pub mod torchvision;
+#[cfg(feature = "train")]
+pub mod train;
 
 pub use block::{BasicBlock, Bottleneck, Downsample, ResidualBlock};
 pub use config::{BlockKind, ConfigError, ResNetConfig, Stem};

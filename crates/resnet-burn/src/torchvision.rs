@@ -328,6 +328,17 @@ impl ResNet {
     /// as 0 (PyTorch uses it only for BatchNorm with `momentum=None`). The file is written
     /// atomically (temporary file, then rename).
     pub fn save_torchvision(&self, path: impl AsRef<Path>) -> Result<(), ImportError> {
+        self.save_torchvision_with_metadata(path, HashMap::new())
+    }
+
+    /// [`save_torchvision`](Self::save_torchvision) with string `metadata` in the file's
+    /// header (`__metadata__`, which PyTorch ignores): class names, the config, what a
+    /// program loading the weights needs besides them. [`read_metadata`] reads it back.
+    pub fn save_torchvision_with_metadata(
+        &self,
+        path: impl AsRef<Path>,
+        metadata: HashMap<String, String>,
+    ) -> Result<(), ImportError> {
         let path = path.as_ref();
         let mut values: HashMap<String, Result<Vec<f32>, String>> = HashMap::new();
         // `valid()` also folds BatchNorm's pending running-statistics update in.
@@ -376,7 +387,8 @@ impl ResNet {
             )?;
             views.push((key.as_str(), view));
         }
-        let bytes = safetensors::serialize(views, None).map_err(|e| ImportError::Format {
+        let metadata = (!metadata.is_empty()).then_some(metadata);
+        let bytes = safetensors::serialize(views, metadata).map_err(|e| ImportError::Format {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
@@ -388,6 +400,22 @@ impl ResNet {
         std::fs::write(&tmp, bytes).map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)
     }
+}
+
+/// The string metadata of a `.safetensors` file (empty when it has none), as
+/// [`ResNet::save_torchvision_with_metadata`] writes it.
+pub fn read_metadata(path: impl AsRef<Path>) -> Result<HashMap<String, String>, ImportError> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|source| ImportError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| ImportError::Format {
+            path: path.to_path_buf(),
+            message: format!("not a safetensors file ({e})"),
+        })?;
+    Ok(header.metadata().clone().unwrap_or_default())
 }
 
 /// Parses the bytes of a `.pth` or `.safetensors` file (`path` names it in errors) into named
