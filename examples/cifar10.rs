@@ -8,62 +8,15 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use burn::tensor::{Device, DeviceKind};
+use anyhow::Result;
+use burn::tensor::Device;
 use cifar10_burn::{Cifar10Dataset, Split};
 use clap::Parser;
 use resnet_burn::{Precision, ResNetConfig};
+use resnet_burn_examples::cli::{Backend, cifar10_dir, pick_device, stop_on_ctrl_c};
 use resnet_burn_examples::train::{Control, Outcome, TrainOptions, train};
-
-/// One device of `--backend`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Backend {
-    /// A GPU through wgpu when there is one (discrete, then integrated), else flex.
-    Auto,
-    /// wgpu on its default adapter, or on discrete GPU `n` (`wgpu:n`).
-    Wgpu(Option<usize>),
-    /// CUDA device `n` (`cuda`, `cuda:n`; needs the `cuda` feature).
-    Cuda(usize),
-    /// wgpu pinned to Vulkan, default adapter or discrete GPU `n` (needs `vulkan`).
-    Vulkan(Option<usize>),
-    /// Burn's pure-Rust CPU backend.
-    Flex,
-    /// The ndarray CPU backend (deprecated in Burn 0.22, still supported).
-    Ndarray,
-}
-
-impl std::str::FromStr for Backend {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        let (name, index) = match text.split_once(':') {
-            Some((name, index)) => {
-                let index = index
-                    .parse::<usize>()
-                    .map_err(|_| format!("{text:?}: the part after ':' must be a device number"))?;
-                (name, Some(index))
-            }
-            None => (text, None),
-        };
-        Ok(match (name, index) {
-            ("auto", None) => Backend::Auto,
-            ("wgpu", index) => Backend::Wgpu(index),
-            ("cuda", index) => Backend::Cuda(index.unwrap_or(0)),
-            ("vulkan", index) => Backend::Vulkan(index),
-            ("flex", None) => Backend::Flex,
-            ("ndarray", None) => Backend::Ndarray,
-            _ => {
-                return Err(format!(
-                    "unknown device {text:?}; use auto, wgpu[:N], cuda[:N], vulkan[:N], flex or \
-                     ndarray"
-                ));
-            }
-        })
-    }
-}
 
 /// Train a ResNet (CIFAR stem) on CIFAR-10 with SGD + Nesterov momentum, weight decay on
 /// weights only, warm-up then cosine learning rate, crop + flip augmentation and label
@@ -202,7 +155,7 @@ fn main() -> Result<()> {
         );
     }
 
-    let data_dir = data_dir(args.data_dir.clone())?;
+    let data_dir = cifar10_dir(args.data_dir.clone())?;
     let load = |split, limit: Option<usize>| -> Result<Arc<Cifar10Dataset>> {
         let set = Cifar10Dataset::new(&data_dir, split)?;
         Ok(Arc::new(match limit {
@@ -240,18 +193,7 @@ fn main() -> Result<()> {
         eval_flip: args.eval_flip,
         precision,
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let handler_stop = stop.clone();
-    ctrlc::set_handler(move || {
-        if handler_stop.swap(true, Ordering::SeqCst) {
-            eprintln!("\nsecond Ctrl-C: exiting now (the last checkpoint is intact)");
-            std::process::exit(130);
-        }
-        eprintln!(
-            "\nCtrl-C: finishing this step and writing a checkpoint (Ctrl-C again to quit now)"
-        );
-    })
-    .context("installing the Ctrl-C handler")?;
+    let stop = stop_on_ctrl_c()?;
     let control = Control {
         resume: args.resume,
         stop,
@@ -295,68 +237,4 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn data_dir(given: Option<PathBuf>) -> Result<PathBuf> {
-    if let Some(dir) = given.or_else(|| std::env::var_os("CIFAR10_DIR").map(PathBuf::from)) {
-        return Ok(dir);
-    }
-    let cache = cifar10_burn::download::default_dir();
-    Ok(cifar10_burn::download::ensure(&cache)?)
-}
-
-fn pick_device(backend: Backend) -> Result<Device> {
-    Ok(match backend {
-        Backend::Flex => Device::flex(),
-        #[allow(deprecated)] // still supported here, see the README
-        Backend::Ndarray => Device::ndarray(),
-        Backend::Wgpu(index) => Device::wgpu(wgpu_kind(index)),
-        Backend::Vulkan(index) => vulkan(wgpu_kind(index))?,
-        Backend::Cuda(index) => cuda(index)?,
-        Backend::Auto => [DeviceKind::DiscreteGpu(0), DeviceKind::IntegratedGpu(0)]
-            .into_iter()
-            .find_map(probe_wgpu)
-            .unwrap_or_else(Device::flex),
-    })
-}
-
-fn wgpu_kind(index: Option<usize>) -> DeviceKind {
-    index.map_or(DeviceKind::DefaultDevice, DeviceKind::DiscreteGpu)
-}
-
-/// A wgpu device of `kind` if one exists: creating a tensor on a missing adapter panics in
-/// Burn, so the probe runs under `catch_unwind` with the panic message silenced.
-fn probe_wgpu(kind: DeviceKind) -> Option<Device> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let device = Device::wgpu(kind);
-    let probe = device.clone();
-    let works = std::panic::catch_unwind(move || {
-        burn::tensor::Tensor::<1>::ones([1], &probe).into_data();
-    })
-    .is_ok();
-    std::panic::set_hook(hook);
-    works.then_some(device)
-}
-
-#[cfg(feature = "cuda")]
-fn cuda(index: usize) -> Result<Device> {
-    Ok(Device::cuda(index))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda(_index: usize) -> Result<Device> {
-    anyhow::bail!(
-        "this build has no CUDA backend: rebuild with `--features cuda` (needs internet to build)"
-    )
-}
-
-#[cfg(feature = "vulkan")]
-fn vulkan(kind: DeviceKind) -> Result<Device> {
-    Ok(Device::vulkan(kind))
-}
-
-#[cfg(not(feature = "vulkan"))]
-fn vulkan(_kind: DeviceKind) -> Result<Device> {
-    anyhow::bail!("this build has no pinned Vulkan backend: rebuild with `--features vulkan`")
 }

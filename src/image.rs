@@ -1,12 +1,14 @@
 //! Images from files as the examples read them: decoded strictly (a truncated or corrupt file
 //! is an error that names it, as PIL refuses one, where a lenient decoder would fill the
 //! missing part with grey) and converted to 8-bit RGB, as torchvision's `pil_loader` does
-//! (`Image.open(f).convert("RGB")`: grey, alpha and 16-bit images alike).
+//! (`Image.open(f).convert("RGB")`): grey repeated, alpha dropped, palettes looked up, and
+//! 16-bit samples cut to their high byte as Pillow reads 16-bit RGB. (Pillow's conversion of a
+//! 16-bit *grey* image clips every value above 255 to white; that is not copied.)
 
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use image::{ImageFormat, RgbImage};
+use image::{DynamicImage, ImageFormat, RgbImage};
 
 /// The image at `path` (JPEG or PNG), as 8-bit RGB.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
@@ -28,7 +30,22 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
         other => bail!("{other:?} images are not supported: convert it to PNG or JPEG"),
     }
     let image = image::load_from_memory_with_format(bytes, format)?;
-    Ok(image.to_rgb8())
+    Ok(match image {
+        DynamicImage::ImageRgb16(_)
+        | DynamicImage::ImageRgba16(_)
+        | DynamicImage::ImageLuma16(_)
+        | DynamicImage::ImageLumaA16(_) => {
+            let rgb16 = image.to_rgb16();
+            let (width, height) = rgb16.dimensions();
+            let high_bytes = rgb16
+                .into_raw()
+                .into_iter()
+                .map(|v| (v >> 8) as u8)
+                .collect();
+            RgbImage::from_raw(width, height, high_bytes).expect("the same number of samples")
+        }
+        other => other.to_rgb8(),
+    })
 }
 
 /// Whether a JPEG has its end-of-image marker (FF D9) after its first scan (FF DA). Inside a
