@@ -1,5 +1,6 @@
 //! Support code of resnet-burn's examples, benchmarks and integration tests (not
-//! published): the CIFAR-10 training loop ([`train`]), its data-parallel steps
+//! published): the CIFAR-10 training loop ([`train`]), fine-tuning on image folders
+//! ([`finetune`], [`folder`], torchvision's [`transforms`]), its data-parallel steps
 //! ([`parallel`]), loss scaling for f16 convolutions ([`scaler`]) and progress lines (a
 //! private module), crash-safe files ([`checkpoint`]), strict image decoding ([`mod@image`]), the curves plot
 //! ([`plot`]) and the
@@ -7,12 +8,16 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod cli;
+pub mod finetune;
+pub mod folder;
 pub mod image;
 pub mod parallel;
 pub mod plot;
 mod progress;
 pub mod scaler;
 pub mod train;
+pub mod transforms;
 
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -135,15 +135,12 @@ impl TrainOptions {
     /// stopped. burn-optim's schedulers cannot give these values: its `LinearLrScheduler`
     /// refuses a start of 0 and a rate above 1, and its schedulers are stateful iterators.
     pub fn learning_rate(&self, step: usize, steps_per_epoch: usize, total: usize) -> f64 {
-        let warmup = (self.warmup_epochs * steps_per_epoch as f64).round() as usize;
-        if step < warmup {
-            return self.lr * (step + 1) as f64 / warmup as f64;
-        }
-        let progress = (step - warmup) as f64 / (total - warmup).max(1) as f64;
-        0.5 * self.lr * (1.0 + (std::f64::consts::PI * progress).cos())
+        warmup_cosine(self.lr, self.warmup_epochs, step, steps_per_epoch, total)
     }
 
-    fn optimizer(&self) -> Result<ModuleOptimizer> {
+    /// SGD with these options' momentum and weight decay (not on BatchNorm parameters and
+    /// biases); the learning rate is given at each step.
+    pub fn optimizer(&self) -> Result<ModuleOptimizer> {
         let momentum = MomentumConfig {
             momentum: self.momentum,
             dampening: 0.0, // PyTorch's SGD; Burn's default is 0.1
@@ -158,6 +155,23 @@ impl TrainOptions {
             .map_err(|e| anyhow::anyhow!("parameter group: {e:?}"))?;
         Ok(decayed.init().with_group(no_decay, sgd.build(), None))
     }
+}
+
+/// The learning rate at step `step` of `total` (`steps_per_epoch` an epoch) of a schedule
+/// peaking at `lr`: `lr * (step + 1) / warmup` over `warmup_epochs`, then a cosine to 0.
+pub fn warmup_cosine(
+    lr: f64,
+    warmup_epochs: f64,
+    step: usize,
+    steps_per_epoch: usize,
+    total: usize,
+) -> f64 {
+    let warmup = (warmup_epochs * steps_per_epoch as f64).round() as usize;
+    if step < warmup {
+        return lr * (step + 1) as f64 / warmup as f64;
+    }
+    let progress = (step - warmup) as f64 / (total - warmup).max(1) as f64;
+    0.5 * lr * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
 /// One line of `metrics.csv`.
@@ -265,11 +279,11 @@ pub struct NonFiniteLoss {
     pub loss: f32,
 }
 
-/// How a run ended.
+/// How a run ended: with its summary, or stopped.
 #[derive(Debug)]
-pub enum Outcome {
+pub enum Outcome<S = Summary> {
     /// All epochs done.
-    Finished(Summary),
+    Finished(S),
     /// Stopped on request (Ctrl-C) after a checkpoint; `--resume` continues.
     Interrupted {
         /// 1-based epoch in progress.
@@ -845,7 +859,8 @@ fn summarize(
     }
 }
 
-fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<()> {
+/// Writes `metrics.csv` and `curves.png` of the epochs so far.
+pub(crate) fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<()> {
     let mut csv = String::from(EpochMetrics::CSV_HEADER);
     csv.push('\n');
     for metrics in history {

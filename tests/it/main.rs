@@ -9,5 +9,7 @@ mod cifar_files;
 #[path = "../../crates/resnet-burn/tests/it/support.rs"]
 #[macro_use]
 mod support;
+mod finetune;
 mod images;
+mod learner;
 mod training;
