@@ -1,12 +1,72 @@
 //! Crash-safe files: everything is written to a temporary file, flushed to disk, then
 //! renamed over the old one, so a kill at any moment leaves either the old or the new file,
-//! never half of one.
+//! never half of one. Training checkpoints ([`save`], [`load`]) are such files: the run's
+//! state, the model's record and the optimizer's state in one body.
 
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::optim::ModuleOptimizer;
+use burn::store::ModuleRecord;
+use burn::tensor::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Writes the checkpoint of a run at `path`: its `state` (as JSON), `model` and `optimizer`.
+pub fn save<S: Serialize, M: Module>(
+    path: &Path,
+    state: &S,
+    model: &M,
+    optimizer: &ModuleOptimizer,
+) -> Result<()> {
+    // BatchNorm's running statistics keep the last update of each thread aside until they
+    // are synced; `train()` syncs them (the clone shares them), so the record is current.
+    let model_bytes = model.clone().train().into_record().into_bytes()?;
+    let optimizer_bytes = optimizer.into_bytes()?;
+    let state_json = serde_json::to_vec(state)?;
+    let body = pack(&[
+        ("state", &state_json),
+        ("model", &model_bytes),
+        ("optimizer", &optimizer_bytes),
+    ]);
+    write_atomic(path, &body)
+}
+
+/// Reads the checkpoint [`save`] wrote at `path` into `model` and `optimizer`; `check` sees
+/// the state before the model is loaded and refuses a checkpoint of another run.
+pub fn load<S: DeserializeOwned, M: Module>(
+    path: &Path,
+    model: M,
+    optimizer: ModuleOptimizer,
+    check: impl FnOnce(&S) -> Result<()>,
+) -> Result<(M, ModuleOptimizer, S)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut sections = unpack(&bytes, path)?.into_iter();
+    let mut section = |name: &str| -> Result<Vec<u8>> {
+        match sections.next() {
+            Some((found, data)) if found == name => Ok(data),
+            _ => bail!(
+                "{} has no {name} section; delete it or start without --resume",
+                path.display()
+            ),
+        }
+    };
+    let state: S = serde_json::from_slice(&section("state")?)
+        .with_context(|| format!("reading the state in {}", path.display()))?;
+    check(&state)?;
+    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(section("model")?))
+        .with_context(|| format!("reading the model in {}", path.display()))?;
+    let model = model
+        .try_load_record(record)
+        .with_context(|| format!("loading the model in {}", path.display()))?;
+    let optimizer = optimizer
+        .from_bytes(Bytes::from_bytes_vec(section("optimizer")?))
+        .with_context(|| format!("reading the optimizer state in {}", path.display()))?;
+    Ok((model, optimizer, state))
+}
 
 /// Writes `bytes` to `path` atomically (temporary file, fsync, rename, fsync of the folder).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -30,14 +30,13 @@ use burn::optim::lr_scheduler::constant::ConstantLr;
 use burn::optim::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrScheduler};
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
-use burn::store::ModuleRecord;
-use burn::tensor::{Bytes, Device, Int, Tensor, TensorData};
-use cifar10_burn::augment::Rng;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use cifar10_burn::epoch_batches;
 use resnet_burn::pretrained::Pretrained;
 use resnet_burn::{LoadOptions, ResNet, ResNetConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{pack, unpack, write_atomic};
+use crate::checkpoint::{self, write_atomic};
 use crate::folder::{FolderLoader, ImageBatch, ImageFolder, Skipped};
 use crate::parallel::{initialize, loss_and_correct, loss_fn, read_joined};
 use crate::progress::{LogLine, about, progress_bar, styled_bar};
@@ -413,16 +412,8 @@ impl FeatureBatches {
     }
 
     fn train_batches(&self, epoch: usize) -> Vec<Vec<usize>> {
-        let mut order: Vec<usize> = (0..self.train.labels.len()).collect();
-        Rng::stream(self.seed, &[epoch as u64]).shuffle(&mut order);
-        let mut batches: Vec<Vec<usize>> = order
-            .chunks(self.batch_size)
-            .map(<[usize]>::to_vec)
-            .collect();
-        if batches.len() > 1 && batches.last().is_some_and(|b| b.len() < self.batch_size) {
-            batches.pop();
-        }
-        batches
+        let len = self.train.labels.len();
+        epoch_batches(len, self.batch_size, Some(self.seed), epoch, true)
     }
 }
 
@@ -446,11 +437,7 @@ impl Batches<Tensor<2>> for FeatureBatches {
     }
 
     fn eval(&self) -> Box<dyn Iterator<Item = Batch<Tensor<2>>> + '_> {
-        let all: Vec<usize> = (0..self.val.labels.len()).collect();
-        let chunks: Vec<Vec<usize>> = all
-            .chunks(self.eval_batch_size)
-            .map(<[usize]>::to_vec)
-            .collect();
+        let chunks = epoch_batches(self.val.labels.len(), self.eval_batch_size, None, 0, false);
         Box::new(
             chunks
                 .into_iter()
@@ -753,11 +740,7 @@ impl<'a> Trainer<'a> {
                     );
                 }
                 bar.set_message(message);
-                let stop = self.control.stop.load(Ordering::SeqCst)
-                    || self
-                        .control
-                        .stop_after_steps
-                        .is_some_and(|n| self.steps_this_process >= n);
+                let stop = self.control.stop_requested(self.steps_this_process);
                 if stop && self.state.step < steps_per_epoch {
                     self.state.epoch_seconds += started.elapsed().as_secs_f64();
                     self.save_checkpoint(&model, &self.state.clone())?;
@@ -767,10 +750,7 @@ impl<'a> Trainer<'a> {
                     ));
                     return Ok(None);
                 }
-                let due = self
-                    .control
-                    .checkpoint_every
-                    .is_some_and(|every| self.last_checkpoint.elapsed() >= every);
+                let due = self.control.checkpoint_due(self.last_checkpoint);
                 if due && self.state.step < steps_per_epoch {
                     let mut state = self.state.clone();
                     state.epoch_seconds += started.elapsed().as_secs_f64();
@@ -919,59 +899,33 @@ impl<'a> Trainer<'a> {
     }
 
     fn save_checkpoint<M: Module>(&mut self, model: &M, state: &RunState) -> Result<()> {
-        // `train()` folds BatchNorm's pending running-statistics updates in.
-        let model_bytes = model.clone().train().into_record().into_bytes()?;
-        let optimizer_bytes = self.optimizer.into_bytes()?;
-        let state_json = serde_json::to_vec(state)?;
-        let body = pack(&[
-            ("state", &state_json),
-            ("model", &model_bytes),
-            ("optimizer", &optimizer_bytes),
-        ]);
-        write_atomic(&self.checkpoint_path, &body)?;
+        checkpoint::save(&self.checkpoint_path, state, model, &self.optimizer)?;
         self.last_checkpoint = Instant::now();
         Ok(())
     }
 
+    /// Continues from the checkpoint: refused when it was written with other options.
     fn load_checkpoint<M: Module>(&mut self, model: M) -> Result<M> {
-        let path = &self.checkpoint_path;
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut sections = unpack(&bytes, path)?.into_iter();
-        let mut section = |name: &str| -> Result<Vec<u8>> {
-            match sections.next() {
-                Some((found, data)) if found == name => Ok(data),
-                _ => bail!(
-                    "{} has no {name} section; delete it or start without --resume",
+        let (path, options) = (&self.checkpoint_path, self.options);
+        let check = |state: &RunState| {
+            let comparable = |o: &FinetuneOptions| FinetuneOptions {
+                epochs: 0,
+                eval_batch_size: 0,
+                ..o.clone()
+            };
+            match &state.options {
+                Some(saved) if comparable(saved) != comparable(options) => bail!(
+                    "{} was written by a run with other options ({saved:?}); resume with the \
+                     same options (only --epochs and --eval-batch-size may change) or use another \
+                     --artifact-dir",
                     path.display()
                 ),
+                _ => Ok(()),
             }
         };
-        let state: RunState = serde_json::from_slice(&section("state")?)
-            .with_context(|| format!("reading the state in {}", path.display()))?;
-        let comparable = |o: &FinetuneOptions| FinetuneOptions {
-            epochs: 0,
-            eval_batch_size: 0,
-            ..o.clone()
-        };
-        if let Some(saved) = &state.options
-            && comparable(saved) != comparable(self.options)
-        {
-            bail!(
-                "{} was written by a run with other options ({saved:?}); resume with the same \
-                 options (only --epochs and --eval-batch-size may change) or use another \
-                 --artifact-dir",
-                path.display()
-            );
-        }
-        let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(section("model")?))
-            .with_context(|| format!("reading the model in {}", path.display()))?;
-        let model = model
-            .try_load_record(record)
-            .with_context(|| format!("loading the model in {}", path.display()))?;
-        let optimizer = self.optimizer.clone();
-        self.optimizer = optimizer
-            .from_bytes(Bytes::from_bytes_vec(section("optimizer")?))
-            .with_context(|| format!("reading the optimizer state in {}", path.display()))?;
+        let (model, optimizer, state) =
+            checkpoint::load(path, model, self.optimizer.clone(), check)?;
+        self.optimizer = optimizer;
         self.state = state;
         Ok(model)
     }

@@ -13,6 +13,7 @@ use std::sync::mpsc;
 
 use anyhow::{Context, Result, bail};
 use cifar10_burn::augment::Rng;
+use cifar10_burn::epoch_batches;
 use serde::{Deserialize, Serialize};
 
 use crate::image::decode_rgb;
@@ -269,21 +270,14 @@ impl FolderLoader {
 
     /// The sample indices of every batch of `epoch`.
     pub fn batches(&self, epoch: usize) -> Vec<Vec<usize>> {
-        let mut order: Vec<usize> = (0..self.samples.len()).collect();
-        if self.train {
-            Rng::stream(self.seed, &[epoch as u64]).shuffle(&mut order);
-        }
-        let mut batches: Vec<Vec<usize>> = order
-            .chunks(self.batch_size)
-            .map(<[usize]>::to_vec)
-            .collect();
-        if self.train
-            && batches.len() > 1
-            && batches.last().is_some_and(|b| b.len() < self.batch_size)
-        {
-            batches.pop();
-        }
-        batches
+        let shuffle = self.train.then_some(self.seed);
+        epoch_batches(
+            self.samples.len(),
+            self.batch_size,
+            shuffle,
+            epoch,
+            self.train,
+        )
     }
 
     /// Number of batches an epoch has.

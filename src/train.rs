@@ -16,13 +16,12 @@ use burn::nn::loss::CrossEntropyLoss;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{ModuleOptimizer, SgdConfig};
-use burn::store::ModuleRecord;
-use burn::tensor::{Bytes, Device};
+use burn::tensor::Device;
 use cifar10_burn::{Augmentation, Cifar10Batch, Cifar10Dataset, EpochLoader, HostBatch};
 use resnet_burn::{Precision, ResNet, ResNetConfig, Stem};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{pack, unpack, write_atomic};
+use crate::checkpoint::{self, write_atomic};
 use crate::parallel::{
     DataParallel, StepOutput, initialize, loss_and_correct, loss_fn, read_joined,
 };
@@ -311,6 +310,20 @@ pub struct Control {
     pub progress: bool,
 }
 
+impl Control {
+    /// Whether to stop after the step just taken, the `steps`-th of this process: Ctrl-C, or
+    /// `stop_after_steps` reached.
+    pub(crate) fn stop_requested(&self, steps: usize) -> bool {
+        self.stop.load(Ordering::SeqCst) || self.stop_after_steps.is_some_and(|n| steps >= n)
+    }
+
+    /// Whether a checkpoint within the epoch is due, the last one written at `last`.
+    pub(crate) fn checkpoint_due(&self, last: Instant) -> bool {
+        self.checkpoint_every
+            .is_some_and(|every| last.elapsed() >= every)
+    }
+}
+
 /// Progress that survives a restart: saved in every checkpoint.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct RunState {
@@ -527,11 +540,7 @@ impl<'a> Run<'a> {
             }
             bar.set_message(message);
 
-            let stop_requested = self.control.stop.load(Ordering::SeqCst)
-                || self
-                    .control
-                    .stop_after_steps
-                    .is_some_and(|n| self.steps_this_process >= n);
+            let stop_requested = self.control.stop_requested(self.steps_this_process);
             if stop_requested && self.state.step < steps_per_epoch {
                 self.state.epoch_seconds += started.elapsed().as_secs_f64();
                 self.save_checkpoint(&model)?;
@@ -541,16 +550,13 @@ impl<'a> Run<'a> {
                 ));
                 return Ok((model, None));
             }
-            let due = self
-                .control
-                .checkpoint_every
-                .is_some_and(|every| self.last_checkpoint.elapsed() >= every);
+            let due = self.control.checkpoint_due(self.last_checkpoint);
             if due && self.state.step < steps_per_epoch {
                 // The time of the epoch so far goes into the checkpoint, not into the state
                 // this process goes on counting from.
                 let mut state = self.state.clone();
                 state.epoch_seconds += started.elapsed().as_secs_f64();
-                save_checkpoint(&self.checkpoint_path, &model, &self.optimizer, &state)?;
+                checkpoint::save(&self.checkpoint_path, &state, &model, &self.optimizer)?;
                 self.last_checkpoint = Instant::now();
             }
         }
@@ -698,7 +704,7 @@ impl<'a> Run<'a> {
     }
 
     fn save_checkpoint(&mut self, model: &ResNet) -> Result<()> {
-        save_checkpoint(&self.checkpoint_path, model, &self.optimizer, &self.state)?;
+        checkpoint::save(&self.checkpoint_path, &self.state, model, &self.optimizer)?;
         self.last_checkpoint = Instant::now();
         Ok(())
     }
@@ -873,45 +879,17 @@ pub(crate) fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<()> 
     write_atomic(&dir.join("curves.png"), &png)
 }
 
-fn save_checkpoint(
-    path: &Path,
-    model: &ResNet,
-    optimizer: &ModuleOptimizer,
-    state: &RunState,
-) -> Result<()> {
-    // BatchNorm's running statistics keep the last update of each thread aside until they
-    // are synced; `train()` syncs them (the clone shares them), so the record is current.
-    let model_bytes = model.clone().train().into_record().into_bytes()?;
-    let optimizer_bytes = optimizer.into_bytes()?;
-    let state_json = serde_json::to_vec(state)?;
-    let body = pack(&[
-        ("state", &state_json),
-        ("model", &model_bytes),
-        ("optimizer", &optimizer_bytes),
-    ]);
-    write_atomic(path, &body)
-}
-
+/// The checkpoint of `options`' run at `path`: refused when it was written with other options.
 fn load_checkpoint(
-    path: &PathBuf,
+    path: &Path,
     model: ResNet,
     optimizer: ModuleOptimizer,
     options: &TrainOptions,
 ) -> Result<(ResNet, ModuleOptimizer, RunState)> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut sections = unpack(&bytes, path)?.into_iter();
-    let mut section = |name: &str| -> Result<Vec<u8>> {
-        match sections.next() {
-            Some((found, data)) if found == name => Ok(data),
-            _ => bail!(
-                "{} has no {name} section; delete it or start without --resume",
-                path.display()
-            ),
-        }
-    };
-    let state: RunState = serde_json::from_slice(&section("state")?)
-        .with_context(|| format!("reading the state in {}", path.display()))?;
-    if let Some(saved) = &state.options {
+    checkpoint::load(path, model, optimizer, |state: &RunState| {
+        let Some(saved) = &state.options else {
+            return Ok(());
+        };
         let comparable = |o: &TrainOptions| TrainOptions {
             epochs: 0,
             eval_every: 0,
@@ -926,14 +904,6 @@ fn load_checkpoint(
                 path.display()
             );
         }
-    }
-    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(section("model")?))
-        .with_context(|| format!("reading the model in {}", path.display()))?;
-    let model = model
-        .try_load_record(record)
-        .with_context(|| format!("loading the model in {}", path.display()))?;
-    let optimizer = optimizer
-        .from_bytes(Bytes::from_bytes_vec(section("optimizer")?))
-        .with_context(|| format!("reading the optimizer state in {}", path.display()))?;
-    Ok((model, optimizer, state))
+        Ok(())
+    })
 }

@@ -151,6 +151,29 @@ impl Batcher<Cifar10Item, Cifar10Batch> for Cifar10Batcher {
     }
 }
 
+/// The indices `0..len` of every batch of `epoch`, in chunks of `batch_size`: shuffled by a
+/// generator of `shuffle`'s seed and the epoch (a new order each epoch, the same on every
+/// machine), or in order; with `drop_last`, a last partial batch is dropped when there are
+/// others. Any loader that shares [`EpochLoader`]'s resumption contract can use it.
+pub fn epoch_batches(
+    len: usize,
+    batch_size: usize,
+    shuffle: Option<u64>,
+    epoch: usize,
+    drop_last: bool,
+) -> Vec<Vec<usize>> {
+    let batch_size = batch_size.max(1);
+    let mut order: Vec<usize> = (0..len).collect();
+    if let Some(seed) = shuffle {
+        Rng::stream(seed, &[epoch as u64]).shuffle(&mut order);
+    }
+    let mut batches: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    if drop_last && batches.len() > 1 && batches.last().is_some_and(|b| b.len() < batch_size) {
+        batches.pop();
+    }
+    batches
+}
+
 /// Batches of a [`Cifar10Dataset`] epoch after epoch: shuffled (or in order), augmented
 /// (or not), the same for a given seed and epoch whatever the machine, so a run resumed at
 /// an epoch boundary sees exactly the batches of an uninterrupted one.
@@ -202,21 +225,14 @@ impl EpochLoader {
 
     /// The image indices of every batch of `epoch`.
     pub fn batches(&self, epoch: usize) -> Vec<Vec<usize>> {
-        let mut order: Vec<usize> = (0..self.dataset.len()).collect();
-        if self.shuffle {
-            Rng::stream(self.seed, &[epoch as u64]).shuffle(&mut order);
-        }
-        let mut batches: Vec<Vec<usize>> = order
-            .chunks(self.batch_size)
-            .map(<[usize]>::to_vec)
-            .collect();
-        if self.drop_last
-            && batches.len() > 1
-            && batches.last().is_some_and(|b| b.len() < self.batch_size)
-        {
-            batches.pop();
-        }
-        batches
+        let shuffle = self.shuffle.then_some(self.seed);
+        epoch_batches(
+            self.dataset.len(),
+            self.batch_size,
+            shuffle,
+            epoch,
+            self.drop_last,
+        )
     }
 
     /// Number of batches an epoch has.

@@ -34,7 +34,7 @@ mod error;
 pub mod format;
 
 pub use augment::{Augmentation, Rng};
-pub use batcher::{Cifar10Batch, Cifar10Batcher, EpochLoader, HostBatch};
+pub use batcher::{Cifar10Batch, Cifar10Batcher, EpochLoader, HostBatch, epoch_batches};
 pub use dataset::{Cifar10Dataset, Cifar10Item, Split};
 pub use error::Cifar10Error;
 pub use format::CLASSES;
