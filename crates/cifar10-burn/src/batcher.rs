@@ -5,6 +5,7 @@
 //! (a few microseconds an image), then uploaded as one `[N, 3, 32, 32]` tensor. A loader
 //! prepares the next batches on a background thread while the model trains on this one.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::mpsc;
@@ -27,7 +28,7 @@ pub struct Cifar10Batch {
 }
 
 /// A batch prepared on the host, ready to upload with [`HostBatch::to_device`].
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct HostBatch {
     /// Normalized pixels, image after image, CHW.
     pub pixels: Vec<f32>,
@@ -45,6 +46,20 @@ impl HostBatch {
         augmentation: Option<&Augmentation>,
         seed: u64,
     ) -> Self {
+        Self::prepare_part(images, labels, augmentation, seed, 0)
+    }
+
+    /// [`prepare`](Self::prepare) for part of a batch whose first image is image `first` of
+    /// the whole batch: image `i` of the part draws from `Rng::stream(seed, &[first + i])`, so
+    /// the parts of a batch, prepared apart (by the processes of a distributed run), join
+    /// into the batch `prepare` gives.
+    pub fn prepare_part(
+        images: &[&[u8]],
+        labels: &[u8],
+        augmentation: Option<&Augmentation>,
+        seed: u64,
+        first: usize,
+    ) -> Self {
         let mut pixels = vec![0f32; images.len() * IMAGE_BYTES];
         pixels
             .par_chunks_mut(IMAGE_BYTES)
@@ -52,7 +67,8 @@ impl HostBatch {
             .enumerate()
             .for_each(|(i, (out, image))| match augmentation {
                 Some(augmentation) => {
-                    let choice = augmentation.draw(&mut Rng::stream(seed, &[i as u64]));
+                    let index = (first + i) as u64;
+                    let choice = augmentation.draw(&mut Rng::stream(seed, &[index]));
                     augmentation.apply(image, choice, out);
                 }
                 None => normalize(image, out),
@@ -80,18 +96,15 @@ impl HostBatch {
         let n = self.len();
         let parts = parts.clamp(1, n.max(1)).min(n);
         let per_image = self.pixels.len() / n.max(1);
-        let mut shards = Vec::with_capacity(parts);
-        let mut start = 0;
-        for part in 0..parts {
-            let size = n / parts + usize::from(part < n % parts);
-            let end = start + size;
-            shards.push(HostBatch {
-                pixels: self.pixels[start * per_image..end * per_image].to_vec(),
-                labels: self.labels[start..end].to_vec(),
-            });
-            start = end;
-        }
-        shards
+        (0..parts)
+            .map(|part| {
+                let Range { start, end } = part_range(n, parts, part);
+                HostBatch {
+                    pixels: self.pixels[start * per_image..end * per_image].to_vec(),
+                    labels: self.labels[start..end].to_vec(),
+                }
+            })
+            .collect()
     }
 
     /// Uploads the batch to `device`.
@@ -102,6 +115,16 @@ impl HostBatch {
             targets: Tensor::from_data(TensorData::new(self.labels, [n]), device),
         }
     }
+}
+
+/// The images of part `part` of `n` images split into `parts` consecutive parts whose sizes
+/// differ by at most one, the first ones larger: the rule of [`HostBatch::split`] and of
+/// [`EpochLoader::part`]. Parts past the `n`-th are empty.
+pub fn part_range(n: usize, parts: usize, part: usize) -> Range<usize> {
+    let parts = parts.max(1);
+    let (size, larger) = (n / parts, n % parts);
+    let start = part * size + part.min(larger);
+    start..start + size + usize::from(part < larger)
 }
 
 /// Burn's [`Batcher`] for [`Cifar10Item`]s: normalization only (evaluation), or augmentation
@@ -185,6 +208,8 @@ pub struct EpochLoader {
     drop_last: bool,
     augmentation: Option<Augmentation>,
     seed: u64,
+    /// `(part, parts)`: only this part of every batch ([`EpochLoader::part`]).
+    part: (usize, usize),
 }
 
 impl EpochLoader {
@@ -197,6 +222,7 @@ impl EpochLoader {
             drop_last: false,
             augmentation: None,
             seed: 0,
+            part: (0, 1),
         }
     }
 
@@ -215,6 +241,22 @@ impl EpochLoader {
             drop_last: true,
             augmentation,
             seed,
+            part: (0, 1),
+        }
+    }
+
+    /// This loader, giving only part `part` of `parts` of every batch ([`part_range`]), as
+    /// the processes of a distributed run do: the parts of a batch join into the batch the
+    /// whole loader gives, augmentation included.
+    ///
+    /// # Panics
+    ///
+    /// If `part` is not below `parts`.
+    pub fn part(self, part: usize, parts: usize) -> Self {
+        assert!(part < parts, "part {part} of {parts} does not exist");
+        Self {
+            part: (part, parts),
+            ..self
         }
     }
 
@@ -240,20 +282,25 @@ impl EpochLoader {
         self.batches(0).len()
     }
 
-    /// Prepares batch `index` of `epoch` (whose image indices are `indices`) on the host.
+    /// Prepares batch `index` of `epoch` (whose image indices are `indices`) on the host: this
+    /// loader's part of it (all of it unless [`part`](Self::part) chose one).
     ///
     /// # Panics
     ///
     /// If an index is not below the dataset's length; [`batches`](Self::batches) gives
     /// only valid ones.
     pub fn host_batch(&self, epoch: usize, index: usize, indices: &[usize]) -> HostBatch {
+        let (part, parts) = self.part;
+        let range = part_range(indices.len(), parts, part);
+        let first = range.start;
+        let indices = &indices[range];
         let images: Vec<&[u8]> = indices
             .iter()
             .map(|&i| self.dataset.image(i).expect("index from batches()"))
             .collect();
         let labels: Vec<u8> = indices.iter().map(|&i| self.dataset.labels()[i]).collect();
         let seed = Rng::stream(self.seed, &[epoch as u64, index as u64, 1]).next_u64();
-        HostBatch::prepare(&images, &labels, self.augmentation.as_ref(), seed)
+        HostBatch::prepare_part(&images, &labels, self.augmentation.as_ref(), seed, first)
     }
 
     /// The host batches of `epoch`, prepared `prefetch` batches ahead on a background thread.

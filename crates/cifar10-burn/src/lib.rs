@@ -34,7 +34,9 @@ mod error;
 pub mod format;
 
 pub use augment::{Augmentation, Rng};
-pub use batcher::{Cifar10Batch, Cifar10Batcher, EpochLoader, HostBatch, epoch_batches};
+pub use batcher::{
+    Cifar10Batch, Cifar10Batcher, EpochLoader, HostBatch, epoch_batches, part_range,
+};
 pub use dataset::{Cifar10Dataset, Cifar10Item, Split};
 pub use error::Cifar10Error;
 pub use format::CLASSES;

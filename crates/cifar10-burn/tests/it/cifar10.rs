@@ -14,7 +14,7 @@ use cifar10_burn::format::{IMAGE_BYTES, RECORD_BYTES};
 use crate::files::{image, scratch, write_fake_cifar};
 use cifar10_burn::{
     Augmentation, Cifar10Batcher, Cifar10Dataset, Cifar10Error, Cifar10Item, EpochLoader,
-    HostBatch, Rng, Split,
+    HostBatch, Rng, Split, part_range,
 };
 
 fn write_tar_gz(archive: &Path, folder: &Path, prefix: &str) {
@@ -435,6 +435,41 @@ fn a_batch_splits_into_near_equal_consecutive_shards() {
         labels: Vec::new(),
     };
     assert!(empty.split(2).is_empty());
+}
+
+/// The parts of every batch, prepared apart as the processes of a distributed run prepare
+/// them, join into the batch the whole loader gives, augmentation included, for training and
+/// evaluation loaders, and for batches that do not divide evenly.
+#[test]
+fn the_parts_of_a_batch_join_into_the_batch() {
+    let dir = scratch("parts");
+    write_fake_cifar(&dir, 40);
+    let train = Arc::new(Cifar10Dataset::new(&dir, Split::Train).unwrap());
+    let augmentation = Some(Augmentation {
+        cutout: Some(8),
+        ..Augmentation::default()
+    });
+    let loaders = [
+        EpochLoader::train(train.clone(), 15, augmentation, 3),
+        EpochLoader::eval(train.clone(), 64), // the last batch holds 8 images
+    ];
+    for loader in loaders {
+        let whole: Vec<HostBatch> = loader.epoch(1, 2).collect();
+        for parts in [2, 3, 5] {
+            let mut joined = vec![HostBatch::default(); whole.len()];
+            for part in 0..parts {
+                let shard: Vec<HostBatch> = loader.clone().part(part, parts).epoch(1, 2).collect();
+                for (batch, piece) in joined.iter_mut().zip(shard) {
+                    batch.pixels.extend(piece.pixels);
+                    batch.labels.extend(piece.labels);
+                }
+            }
+            assert_eq!(joined, whole, "{parts} parts");
+        }
+    }
+    let sizes: Vec<usize> = (0..4).map(|part| part_range(10, 4, part).len()).collect();
+    assert_eq!(sizes, [3, 3, 2, 2]);
+    assert!(part_range(2, 3, 2).is_empty());
 }
 
 /// Whether `error` names `path`.
