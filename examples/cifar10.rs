@@ -4,6 +4,8 @@
 //! cargo run --release --example cifar10 -- --help
 //! cargo run --release --example cifar10 -- --backend flex --limit-train 2000 --limit-test 1000 --epochs 2
 //! cargo run --release --example cifar10 --features cuda -- --backend cuda:0,cuda:1
+//! cargo build --release --example cifar10 --features mpi
+//! mpirun -n 2 target/release/examples/cifar10 --distributed mpi --backend flex
 //! ```
 
 use std::path::PathBuf;
@@ -16,7 +18,8 @@ use cifar10_burn::{Cifar10Dataset, Split};
 use clap::Parser;
 use resnet_burn::{Precision, ResNetConfig};
 use resnet_burn_examples::cli::{Backend, cifar10_dir, pick_device, stop_on_ctrl_c};
-use resnet_burn_examples::train::{Control, Outcome, TrainOptions, train};
+use resnet_burn_examples::parallel::{Collective, Local};
+use resnet_burn_examples::train::{Control, Outcome, TrainOptions, train_with};
 
 /// Train a ResNet (CIFAR stem) on CIFAR-10 with SGD + Nesterov momentum, weight decay on
 /// weights only, warm-up then cosine learning rate, crop + flip augmentation and label
@@ -114,10 +117,57 @@ struct Args {
     /// f32.
     #[arg(long, env = "RESNET_BURN_PRECISION", default_value_t = Precision::F32)]
     precision: Precision,
+    /// Train data-parallel with the other processes of an MPI job: `mpi` (needs the `mpi`
+    /// feature; start with `mpirun -n N`, every process with the same arguments). Each
+    /// process takes its part of every batch, so --batch-size stays the global batch; process
+    /// 0 writes the files.
+    #[arg(long, value_name = "mpi")]
+    distributed: Option<Distributed>,
+}
+
+/// How the processes of a distributed run talk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Distributed {
+    /// MPI, started by mpirun.
+    Mpi,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    match args.distributed {
+        None => run(args, &Local),
+        Some(Distributed::Mpi) => run_mpi(args),
+    }
+}
+
+/// Every process of the MPI job trains; one that fails stops them all.
+#[cfg(feature = "mpi")]
+fn run_mpi(args: Args) -> Result<()> {
+    let mpi = resnet_burn_examples::distributed::Mpi::init()?;
+    match run(args, &mpi) {
+        Ok(()) => Ok(()),
+        Err(error) => mpi.abort(&format!("{error:#}")),
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+fn run_mpi(_args: Args) -> Result<()> {
+    anyhow::bail!(
+        "this build has no MPI: rebuild with `--features mpi` (needs Open MPI's headers, \
+         libopenmpi-dev, and libclang) and start it with mpirun"
+    )
+}
+
+fn run(args: Args, collective: &dyn Collective) -> Result<()> {
+    // Process 0 speaks for the run; the others print their errors only.
+    let leader = collective.rank() == 0;
+    macro_rules! say {
+        ($($arg:tt)*) => {
+            if leader {
+                println!($($arg)*);
+            }
+        };
+    }
     if ResNetConfig::from_name(&args.model, 10).is_none() {
         anyhow::bail!(
             "unknown --model {:?}; choose one of {:?}",
@@ -137,25 +187,32 @@ fn main() -> Result<()> {
         .iter()
         .map(|&backend| pick_device(backend))
         .collect::<Result<Vec<_>>>()?;
-    match devices.as_slice() {
-        [device] => println!("device: {device:?}"),
-        _ => println!("devices (data parallel): {devices:?}"),
+    match (devices.as_slice(), collective.size()) {
+        ([device], 1) => say!("device: {device:?}"),
+        (_, 1) => say!("devices (data parallel): {devices:?}"),
+        (_, processes) => say!("{processes} processes, each on {devices:?} (data parallel)"),
     }
     #[allow(deprecated)] // ndarray: deprecated by Burn 0.22, still supported
     let on_cpu = |d: &Device| *d == Device::flex() || *d == Device::ndarray();
-    println!("precision: {precision}");
+    say!("precision: {precision}");
     for device in devices.iter().filter(|d| !on_cpu(d)) {
         if precision != Precision::F32 && !precision.applies_to(device) {
-            println!("{device:?} has no {precision} arithmetic: its convolutions stay f32");
+            say!("{device:?} has no {precision} arithmetic: its convolutions stay f32");
         }
     }
     if precision != Precision::F32 && devices.iter().any(on_cpu) {
-        println!(
-            "on CPU backends convolutions stay f32; --precision {precision} only scales the loss"
-        );
+        say!("on CPU backends convolutions stay f32; --precision {precision} only scales the loss");
     }
 
+    // Process 0 downloads the data set when it is missing, before the others look for it:
+    // processes on its machine then find it rather than download it into the same folder.
+    if !leader {
+        collective.barrier()?;
+    }
     let data_dir = cifar10_dir(args.data_dir.clone())?;
+    if leader {
+        collective.barrier()?;
+    }
     let load = |split, limit: Option<usize>| -> Result<Arc<Cifar10Dataset>> {
         let set = Cifar10Dataset::new(&data_dir, split)?;
         Ok(Arc::new(match limit {
@@ -165,7 +222,7 @@ fn main() -> Result<()> {
     };
     let train_set = load(Split::Train, args.limit_train)?;
     let test_set = load(Split::Test, args.limit_test)?;
-    println!(
+    say!(
         "data: {} training and {} test images from {}",
         train_set.len(),
         test_set.len(),
@@ -200,19 +257,20 @@ fn main() -> Result<()> {
         stop_after_steps: None,
         checkpoint_every: (args.checkpoint_every > 0.0)
             .then(|| Duration::from_secs_f64(60.0 * args.checkpoint_every)),
-        progress: !args.no_progress,
+        progress: !args.no_progress && leader,
     };
 
-    match train(
+    match train_with(
         &options,
         train_set,
         test_set,
         &devices,
         &args.artifact_dir,
         &control,
+        collective,
     )? {
         Outcome::Finished(summary) => {
-            println!(
+            say!(
                 "\n{} on {}: test accuracy {:.2}% (best {:.2}%) after {} epochs, {:.0} s of training, {:.0} images/s",
                 summary.model,
                 summary.backend,
@@ -222,16 +280,26 @@ fn main() -> Result<()> {
                 summary.train_seconds,
                 summary.images_per_second
             );
+            if summary.processes > 1 {
+                say!(
+                    "{} processes; the all-reduce of the gradients took {:.1} s of process 0's \
+                     {:.1} s of training ({:.1}%)",
+                    summary.processes,
+                    summary.all_reduce_seconds,
+                    summary.train_seconds,
+                    100.0 * summary.all_reduce_seconds / summary.train_seconds.max(1e-9)
+                );
+            }
             if let Some(accuracy) = summary.test_accuracy_flip {
-                println!(
+                say!(
                     "test accuracy with flip test-time augmentation: {:.2}%",
                     100.0 * accuracy
                 );
             }
-            println!("files: {}", args.artifact_dir.display());
+            say!("files: {}", args.artifact_dir.display());
         }
         Outcome::Interrupted { epoch, step } => {
-            println!(
+            say!(
                 "stopped in epoch {epoch} after step {step}; continue with the same command and --resume"
             );
         }

@@ -44,7 +44,19 @@ pub fn load<S: DeserializeOwned, M: Module>(
     check: impl FnOnce(&S) -> Result<()>,
 ) -> Result<(M, ModuleOptimizer, S)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut sections = unpack(&bytes, path)?.into_iter();
+    load_bytes(&bytes, path, model, optimizer, check)
+}
+
+/// [`load`] from the `bytes` of the checkpoint file at `path` (read by another process, say;
+/// `path` is for the messages).
+pub fn load_bytes<S: DeserializeOwned, M: Module>(
+    bytes: &[u8],
+    path: &Path,
+    model: M,
+    optimizer: ModuleOptimizer,
+    check: impl FnOnce(&S) -> Result<()>,
+) -> Result<(M, ModuleOptimizer, S)> {
+    let mut sections = unpack(bytes, path)?.into_iter();
     let mut section = |name: &str| -> Result<Vec<u8>> {
         match sections.next() {
             Some((found, data)) if found == name => Ok(data),

@@ -1,7 +1,7 @@
 //! Support code of resnet-burn's examples, benchmarks and integration tests (not
 //! published): the CIFAR-10 training loop ([`train`]), fine-tuning on image folders
 //! ([`finetune`], [`folder`], torchvision's [`transforms`]), its data-parallel steps
-//! ([`parallel`]), loss scaling for f16 convolutions ([`scaler`]) and progress lines (a
+//! ([`parallel`]; across processes over MPI with the `mpi` feature, `distributed`), loss scaling for f16 convolutions ([`scaler`]) and progress lines (a
 //! private module), crash-safe files ([`checkpoint`]), strict image decoding ([`mod@image`]), the curves plot
 //! ([`plot`]) and the
 //! devices the benchmarks measure ([`mod@bench`]).
@@ -9,6 +9,8 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
+#[cfg(feature = "mpi")]
+pub mod distributed;
 pub mod finetune;
 pub mod folder;
 pub mod image;

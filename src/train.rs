@@ -2,8 +2,9 @@
 //! decay on convolution and linear weights only, linear warm-up then cosine decay of the
 //! learning rate, label smoothing, crop + flip (+ Cutout) augmentation, evaluation with
 //! BatchNorm's running statistics, and crash-safe checkpoints that resume exactly. Given
-//! several devices, it trains data-parallel ([`crate::parallel`]); with f16 convolutions,
-//! with dynamic loss scaling ([`crate::scaler`]).
+//! several devices, or several processes ([`train_with`]), it trains data-parallel
+//! ([`crate::parallel`]); with f16 convolutions, with dynamic loss scaling
+//! ([`crate::scaler`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,7 +24,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, write_atomic};
 use crate::parallel::{
-    DataParallel, StepOutput, initialize, loss_and_correct, loss_fn, read_joined,
+    Collective, DataParallel, Local, StepOutput, average_running_stats, check_in_step, checksum,
+    differ_from_first, initialize, loss_and_correct, loss_fn, read_joined,
 };
 use crate::plot::EpochPoint;
 use crate::progress::{LogLine, about, progress_bar, styled_bar};
@@ -261,6 +263,22 @@ pub struct Summary {
     /// [`crate::scaler`]); 0 in f32.
     #[serde(default)]
     pub skipped_steps: usize,
+    /// Processes that trained together ([`train_with`]); 1 for an ordinary run.
+    #[serde(default = "one")]
+    pub processes: usize,
+    /// A 64-bit hash of the trained model's parameters and running statistics, in hex
+    /// ([`checksum`]): equal on every process of a distributed run, and between runs that
+    /// trained the same model bit for bit.
+    #[serde(default)]
+    pub checksum: String,
+    /// Seconds process 0 spent in the all-reduce of the gradients, over this process's steps
+    /// (see [`DataParallel::reduce_time`]); 0 for one process.
+    #[serde(default)]
+    pub all_reduce_seconds: f64,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// A loss that is NaN or infinite: the run stops, the last checkpoint stays as it was.
@@ -343,6 +361,9 @@ struct RunState {
     /// Steps skipped by loss scaling, over the run.
     #[serde(default)]
     skipped_steps: usize,
+    /// Processes of the run ([`train_with`]).
+    #[serde(default = "one")]
+    processes: usize,
 }
 
 /// Trains `options.model` on `train` and evaluates on `test` every `options.eval_every`
@@ -361,7 +382,31 @@ pub fn train(
     artifact_dir: &Path,
     control: &Control,
 ) -> Result<Outcome> {
-    let (mut run, mut model) = Run::start(options, &train, devices, artifact_dir, control)?;
+    train_with(options, train, test, devices, artifact_dir, control, &Local)
+}
+
+/// [`train`] as one of the processes of `collective`, which every process calls with the
+/// same arguments (but for `control.progress`): each takes its part of every batch (the
+/// batches of a one-process run, split by rank), the gradients are summed over the processes
+/// ([`crate::parallel`]), and every process steps the same optimizer, so the parameters stay
+/// equal (checked after every epoch). Evaluation is shared. Process 0 writes the files and
+/// prints the epoch lines; a checkpoint resumes with the same number of processes.
+///
+/// Fails on every process when one of them cannot go on, as far as the processes can tell
+/// (a checkpoint for another number of processes, other options, parameters that drifted
+/// apart); a process whose own step fails returns its error alone, and the caller must stop
+/// the others (with MPI, `distributed::Mpi::abort`).
+pub fn train_with(
+    options: &TrainOptions,
+    train: Arc<Cifar10Dataset>,
+    test: Arc<Cifar10Dataset>,
+    devices: &[Device],
+    artifact_dir: &Path,
+    control: &Control,
+    collective: &dyn Collective,
+) -> Result<Outcome> {
+    let (mut run, mut model) =
+        Run::start(options, &train, devices, artifact_dir, control, collective)?;
     while run.state.epoch < options.epochs {
         let end;
         (model, end) = run.epoch(model)?;
@@ -371,8 +416,10 @@ pub fn train(
                 step: run.state.step,
             });
         };
-        run.end_epoch(&model, end, &test)?;
-        if control.stop.load(Ordering::SeqCst) && run.state.epoch < options.epochs {
+        model = run.end_epoch(model, end, &test)?;
+        if run.agree_to_stop(control.stop.load(Ordering::SeqCst))?
+            && run.state.epoch < options.epochs
+        {
             return Ok(Outcome::Interrupted {
                 epoch: run.state.epoch + 1,
                 step: 0,
@@ -390,7 +437,10 @@ struct Run<'a> {
     devices: &'a [Device],
     artifact_dir: &'a Path,
     checkpoint_path: PathBuf,
-    replicas: DataParallel,
+    collective: &'a dyn Collective,
+    /// Process 0, which writes the files and prints the epoch lines.
+    leader: bool,
+    replicas: DataParallel<'a>,
     optimizer: ModuleOptimizer,
     state: RunState,
     loader: EpochLoader,
@@ -418,6 +468,7 @@ impl<'a> Run<'a> {
         devices: &'a [Device],
         artifact_dir: &'a Path,
         control: &'a Control,
+        collective: &'a dyn Collective,
     ) -> Result<(Self, ResNet)> {
         let config = options.model_config()?;
         let Some(device) = devices.first() else {
@@ -426,18 +477,33 @@ impl<'a> Run<'a> {
         if options.eval_every == 0 {
             bail!("--eval-every must be at least 1");
         }
-        if options.batch_size < devices.len() {
+        let (rank, processes) = (collective.rank(), collective.size());
+        let replicas_total = devices.len() * processes;
+        let step_images = options.batch_size.min(train.len());
+        if step_images < replicas_total {
+            let (what, count) = match processes {
+                1 => ("devices", format!("{}", devices.len())),
+                _ => (
+                    "devices times processes",
+                    format!("{} x {processes}", devices.len()),
+                ),
+            };
             bail!(
-                "--batch-size {} is smaller than the number of devices ({}); each device needs \
-                 at least one image a step",
-                options.batch_size,
-                devices.len()
+                "--batch-size {} gives steps of {step_images} images, fewer than the {what} \
+                 ({count}): each needs at least one image a step",
+                options.batch_size
             );
         }
+        agree_on_options(options, collective)?;
         let autodiff_devices: Vec<Device> = devices.iter().map(|d| d.clone().autodiff()).collect();
-        let replicas = DataParallel::new(&autodiff_devices, options.label_smoothing)?;
-        std::fs::create_dir_all(artifact_dir)
-            .with_context(|| format!("creating the artifact folder {}", artifact_dir.display()))?;
+        let replicas =
+            DataParallel::distributed(&autodiff_devices, options.label_smoothing, collective)?;
+        let leader = rank == 0;
+        if leader {
+            std::fs::create_dir_all(artifact_dir).with_context(|| {
+                format!("creating the artifact folder {}", artifact_dir.display())
+            })?;
+        }
         let checkpoint_path = artifact_dir.join("checkpoint.bin");
         let started = Instant::now();
         // Drawn from a generator of its own: the same weights on every backend, whatever other
@@ -448,11 +514,28 @@ impl<'a> Run<'a> {
         let mut state = RunState {
             options: Some(options.clone()),
             scaler: (options.precision == Precision::F16).then(LossScaler::default),
+            processes,
             ..RunState::default()
         };
-        if control.resume && checkpoint_path.exists() {
-            (model, optimizer, state) =
-                load_checkpoint(&checkpoint_path, model, optimizer, options)?;
+        // Process 0 reads the checkpoint and sends it to the others (which may run on
+        // machines without the folder); none at all is an empty one.
+        let mut checkpoint = Vec::new();
+        if leader && control.resume && checkpoint_path.exists() {
+            checkpoint = std::fs::read(&checkpoint_path)
+                .with_context(|| format!("reading {}", checkpoint_path.display()))?;
+        }
+        collective
+            .broadcast(&mut checkpoint)
+            .context("sending the checkpoint to every process")?;
+        if !checkpoint.is_empty() {
+            (model, optimizer, state) = load_checkpoint(
+                &checkpoint_path,
+                &checkpoint,
+                model,
+                optimizer,
+                options,
+                processes,
+            )?;
             if control.progress {
                 println!(
                     "resuming from {} at epoch {}, step {}",
@@ -462,11 +545,14 @@ impl<'a> Run<'a> {
                 );
             }
         }
-        let run_config = serde_json::json!({ "train": options, "model": config });
-        write_atomic(
-            &artifact_dir.join("config.json"),
-            serde_json::to_string_pretty(&run_config)?.as_bytes(),
-        )?;
+        if leader {
+            let run_config =
+                serde_json::json!({ "train": options, "model": config, "processes": processes });
+            write_atomic(
+                &artifact_dir.join("config.json"),
+                serde_json::to_string_pretty(&run_config)?.as_bytes(),
+            )?;
+        }
         let augmentation = options.augment.then(|| Augmentation {
             cutout: options.cutout,
             ..Augmentation::default()
@@ -476,13 +562,16 @@ impl<'a> Run<'a> {
             options.batch_size,
             augmentation,
             options.seed,
-        );
+        )
+        .part(rank, processes);
         let run = Self {
             options,
             control,
             devices,
             artifact_dir,
             checkpoint_path,
+            collective,
+            leader,
             replicas,
             optimizer,
             state,
@@ -515,10 +604,13 @@ impl<'a> Run<'a> {
         let started = Instant::now();
         let first_step = self.state.step;
         let mut lr = self.learning_rate(self.state.step);
+        // The images of each step over every process (this one prepares its part only).
+        let step_images: Vec<usize> = self.loader.batches(epoch).iter().map(Vec::len).collect();
         for host in self.loader.epoch_from(epoch, self.state.step, 2) {
             lr = self.learning_rate(self.state.step);
+            let images = step_images[self.state.step];
             model = self
-                .step(model, host, lr, &bar)
+                .step(model, host, images, lr, &bar)
                 .inspect_err(|_| bar.abandon())?;
             bar.inc(1);
             let state = &self.state;
@@ -540,24 +632,23 @@ impl<'a> Run<'a> {
             }
             bar.set_message(message);
 
-            let stop_requested = self.control.stop_requested(self.steps_this_process);
-            if stop_requested && self.state.step < steps_per_epoch {
+            let (stop, due) = self.agree_on_checkpoints()?;
+            if stop && self.state.step < steps_per_epoch {
                 self.state.epoch_seconds += started.elapsed().as_secs_f64();
-                self.save_checkpoint(&model)?;
+                let state = self.state.clone();
+                model = self.save_checkpoint(model, &state)?;
                 bar.abandon_with_message(format!(
                     "stopped; checkpoint in {}",
                     self.checkpoint_path.display()
                 ));
                 return Ok((model, None));
             }
-            let due = self.control.checkpoint_due(self.last_checkpoint);
             if due && self.state.step < steps_per_epoch {
                 // The time of the epoch so far goes into the checkpoint, not into the state
                 // this process goes on counting from.
                 let mut state = self.state.clone();
                 state.epoch_seconds += started.elapsed().as_secs_f64();
-                checkpoint::save(&self.checkpoint_path, &state, &model, &self.optimizer)?;
-                self.last_checkpoint = Instant::now();
+                model = self.save_checkpoint(model, &state)?;
             }
         }
         bar.finish_and_clear();
@@ -565,24 +656,50 @@ impl<'a> Run<'a> {
         Ok((model, Some(EpochEnd { seconds, lr })))
     }
 
-    /// One optimizer step on `host`'s images at learning rate `lr`: the gradients (split
-    /// between the devices), loss scaling, the update, and the running totals, which count
-    /// the images the batch had.
+    /// Whether to stop after the step just taken, and whether a checkpoint within the epoch
+    /// is due: every process stops when one was asked to, and process 0's clock says when a
+    /// checkpoint is due, so that all processes decide alike.
+    fn agree_on_checkpoints(&self) -> Result<(bool, bool)> {
+        let stop = self.control.stop_requested(self.steps_this_process);
+        let due = self.leader && self.control.checkpoint_due(self.last_checkpoint);
+        if self.collective.size() == 1 {
+            return Ok((stop, due));
+        }
+        let mut votes = [f32::from(u8::from(stop)), f32::from(u8::from(due))];
+        self.collective.all_reduce_sum(&mut votes)?;
+        Ok((votes[0] > 0.0, votes[1] > 0.0))
+    }
+
+    /// Whether any process was asked to stop (`stop` is this one's answer).
+    fn agree_to_stop(&self, stop: bool) -> Result<bool> {
+        if self.collective.size() == 1 {
+            return Ok(stop);
+        }
+        let mut votes = [f32::from(u8::from(stop))];
+        self.collective.all_reduce_sum(&mut votes)?;
+        Ok(votes[0] > 0.0)
+    }
+
+    /// One optimizer step on `host`'s images, this process's part of the step's `images`,
+    /// at learning rate `lr`: the gradients (split between the devices, summed over the
+    /// processes), loss scaling, the update, and the running totals, which count the images
+    /// the step had.
     fn step(
         &mut self,
         model: ResNet,
         host: HostBatch,
+        images: usize,
         lr: f64,
         bar: &indicatif::ProgressBar,
     ) -> Result<ResNet> {
         let (epoch, step) = (self.state.epoch, self.state.step);
-        let images = host.len() as u64;
         let loss_scale = self.state.scaler.as_ref().map_or(1.0, LossScaler::scale);
         let at = || format!("epoch {}, step {}", epoch + 1, step + 1);
         let StepOutput { mut grads, totals } = self
             .replicas
-            .gradients(&model, host, loss_scale)
+            .gradients(&model, host, images, loss_scale)
             .with_context(at)?;
+        let images = images as u64;
         // The step's one wait for the device: the loss, the correct count and (when scaling)
         // whether the gradients overflowed, in one transfer.
         let overflow_check = match self.state.scaler {
@@ -610,7 +727,11 @@ impl<'a> Run<'a> {
         } else {
             self.state.skipped_steps += 1;
             let scale = self.state.scaler.as_ref().map_or(1.0, LossScaler::scale);
+            let leader = self.leader;
             bar.suspend(|| {
+                if !leader {
+                    return;
+                }
                 println!(
                     "epoch {} step {}: the gradients overflowed f16; step skipped, loss scale \
                      now {scale}",
@@ -629,6 +750,9 @@ impl<'a> Run<'a> {
             let seconds = self.started.elapsed().as_secs_f64();
             self.first_step_seconds = Some(seconds);
             bar.suspend(|| {
+                if !self.leader {
+                    return;
+                }
                 println!(
                     "first step done {seconds:.1}s after training started \
                      (on a GPU mostly kernel compilation and autotuning)"
@@ -638,29 +762,22 @@ impl<'a> Run<'a> {
         Ok(model)
     }
 
-    /// After an epoch's steps: the evaluation when due, the epoch's line, `metrics.csv`,
-    /// `curves.png` and the checkpoint.
+    /// After an epoch's steps: the running statistics averaged over the processes and the
+    /// processes' parameters checked equal, the evaluation when due, the epoch's line,
+    /// `metrics.csv`, `curves.png` and the checkpoint.
     fn end_epoch(
         &mut self,
-        model: &ResNet,
+        model: ResNet,
         end: EpochEnd,
         test: &Arc<Cifar10Dataset>,
-    ) -> Result<()> {
+    ) -> Result<ResNet> {
         let (options, epoch) = (self.options, self.state.epoch + 1);
+        let model = average_running_stats(model, self.collective)?;
+        check_in_step(&model, self.collective, &format!("after epoch {epoch}"))?;
         let evaluated = epoch.is_multiple_of(options.eval_every) || epoch == options.epochs;
         let label = format!("evaluating after epoch {epoch}");
         let eval = evaluated
-            .then(|| {
-                evaluate(
-                    &model.valid(),
-                    test,
-                    options.eval_batch_size,
-                    &self.devices[0],
-                    &self.eval_loss,
-                    false,
-                    self.control.progress.then_some(label.as_str()),
-                )
-            })
+            .then(|| self.evaluate(&model.valid(), test, false, &label))
             .transpose()
             .with_context(|| label.clone())?;
         let state = &mut self.state;
@@ -683,15 +800,17 @@ impl<'a> Run<'a> {
             ),
             None => "not evaluated".into(),
         };
-        println!(
-            "epoch {:>3}/{}  train loss {:.4} acc {:.2}%  {test}  {:.1}s  {:.0} img/s",
-            metrics.epoch,
-            options.epochs,
-            metrics.train_loss,
-            100.0 * metrics.train_accuracy,
-            metrics.seconds,
-            metrics.images_per_second
-        );
+        if self.leader {
+            println!(
+                "epoch {:>3}/{}  train loss {:.4} acc {:.2}%  {test}  {:.1}s  {:.0} img/s",
+                metrics.epoch,
+                options.epochs,
+                metrics.train_loss,
+                100.0 * metrics.train_accuracy,
+                metrics.seconds,
+                metrics.images_per_second
+            );
+        }
         state.history.push(metrics);
         state.epoch += 1;
         state.step = 0;
@@ -699,14 +818,54 @@ impl<'a> Run<'a> {
         state.correct = 0;
         state.seen = 0;
         state.epoch_seconds = 0.0;
-        write_metrics(self.artifact_dir, &state.history)?;
-        self.save_checkpoint(model)
+        if self.leader {
+            write_metrics(self.artifact_dir, &state.history)?;
+        }
+        let state = self.state.clone();
+        self.write_checkpoint(&model, &state)?;
+        Ok(model)
     }
 
-    fn save_checkpoint(&mut self, model: &ResNet) -> Result<()> {
-        checkpoint::save(&self.checkpoint_path, &self.state, model, &self.optimizer)?;
+    /// Writes the checkpoint of `state` and `model` with the running statistics averaged
+    /// over the processes, and gives that model back.
+    fn save_checkpoint(&mut self, model: ResNet, state: &RunState) -> Result<ResNet> {
+        let model = average_running_stats(model, self.collective)?;
+        self.write_checkpoint(&model, state)?;
+        Ok(model)
+    }
+
+    /// Writes the checkpoint of `state` and `model` (process 0 only: the optimizer's state is
+    /// the same on every process).
+    fn write_checkpoint(&mut self, model: &ResNet, state: &RunState) -> Result<()> {
+        if self.leader {
+            checkpoint::save(&self.checkpoint_path, state, model, &self.optimizer)?;
+        }
         self.last_checkpoint = Instant::now();
         Ok(())
+    }
+
+    /// Test loss and accuracy of `model`, each process evaluating its part of every batch.
+    fn evaluate(
+        &self,
+        model: &ResNet,
+        test: &Arc<Cifar10Dataset>,
+        flip: bool,
+        label: &str,
+    ) -> Result<Evaluation> {
+        let (rank, processes) = (self.collective.rank(), self.collective.size());
+        let loader =
+            EpochLoader::eval(test.clone(), self.options.eval_batch_size).part(rank, processes);
+        let label = self.control.progress.then_some(label);
+        let mut sums = evaluate_sums(
+            model,
+            &loader,
+            &self.devices[0],
+            &self.eval_loss,
+            flip,
+            label,
+        )?;
+        self.collective.all_reduce_sum_f64(&mut sums)?;
+        Ok(Evaluation::from_sums(sums))
     }
 
     /// After the last epoch: `model.bpk`, `model.safetensors`, the flip evaluation when asked
@@ -718,34 +877,31 @@ impl<'a> Run<'a> {
         test: &Arc<Cifar10Dataset>,
     ) -> Result<Summary> {
         let (options, dir) = (self.options, self.artifact_dir);
+        // The last epoch's end averaged the running statistics (a resumed run that was
+        // already complete loaded them averaged).
         let model = model.valid();
-        let bytes = model.clone().into_record().into_bytes()?;
-        write_atomic(&dir.join("model.bpk"), &bytes)?;
-        let safetensors_path = dir.join("model.safetensors");
-        model
-            .save_torchvision(&safetensors_path)
-            .with_context(|| format!("writing {}", safetensors_path.display()))?;
+        if self.leader {
+            let bytes = model.clone().into_record().into_bytes()?;
+            write_atomic(&dir.join("model.bpk"), &bytes)?;
+            let safetensors_path = dir.join("model.safetensors");
+            model
+                .save_torchvision(&safetensors_path)
+                .with_context(|| format!("writing {}", safetensors_path.display()))?;
+        }
 
         let label = "evaluating with flip test-time augmentation";
         let test_accuracy_flip = options
             .eval_flip
-            .then(|| {
-                evaluate(
-                    &model,
-                    test,
-                    options.eval_batch_size,
-                    &self.devices[0],
-                    &self.eval_loss,
-                    true,
-                    self.control.progress.then_some(label),
-                )
-            })
+            .then(|| self.evaluate(&model, test, true, label))
             .transpose()
             .context(label)?
             .map(|eval| eval.accuracy);
         let summary = Summary {
             test_accuracy_flip,
             skipped_steps: self.state.skipped_steps,
+            processes: self.collective.size(),
+            checksum: format!("{:016x}", checksum(&model)?),
+            all_reduce_seconds: self.replicas.reduce_time().as_secs_f64(),
             ..summarize(
                 options,
                 &self.state.history,
@@ -756,10 +912,12 @@ impl<'a> Run<'a> {
                 self.first_step_seconds.unwrap_or(0.0),
             )
         };
-        write_atomic(
-            &dir.join("summary.json"),
-            serde_json::to_string_pretty(&summary)?.as_bytes(),
-        )?;
+        if self.leader {
+            write_atomic(
+                &dir.join("summary.json"),
+                serde_json::to_string_pretty(&summary)?.as_bytes(),
+            )?;
+        }
         Ok(summary)
     }
 }
@@ -786,6 +944,31 @@ pub fn evaluate(
     label: Option<&str>,
 ) -> Result<Evaluation> {
     let loader = EpochLoader::eval(dataset.clone(), batch_size);
+    evaluate_sums(model, &loader, device, loss_fn, flip, label).map(Evaluation::from_sums)
+}
+
+impl Evaluation {
+    /// From `[loss sum, correct predictions, images]`.
+    fn from_sums([loss_sum, correct, seen]: [f64; 3]) -> Self {
+        let seen = seen.max(1.0);
+        Self {
+            loss: loss_sum / seen,
+            accuracy: correct / seen,
+        }
+    }
+}
+
+/// `[loss sum, correct predictions, images]` of `model` over the batches of `loader` (its
+/// part of each, skipping empty parts), as [`evaluate`] computes them.
+fn evaluate_sums(
+    model: &ResNet,
+    loader: &EpochLoader,
+    device: &Device,
+    loss_fn: &CrossEntropyLoss,
+    flip: bool,
+    label: Option<&str>,
+) -> Result<[f64; 3]> {
+    let dataset = loader.dataset();
     let batches = loader.num_batches();
     let bar = match label {
         Some(label) => styled_bar(batches, label),
@@ -796,6 +979,10 @@ pub fn evaluate(
     let (mut loss_sum, mut correct, mut seen) = (0f64, 0f64, 0usize);
     for (done, host) in loader.epoch(0, 2).enumerate() {
         let n = host.len();
+        bar.inc(1);
+        if n == 0 {
+            continue;
+        }
         let Cifar10Batch { images, targets } = host.to_device(device);
         let logits = if flip {
             let mirrored = model.forward(images.clone().flip([3]));
@@ -808,7 +995,6 @@ pub fn evaluate(
         loss_sum += values[0] as f64 * n as f64;
         correct += values[1] as f64;
         seen += n;
-        bar.inc(1);
         if let (Some(label), Some(log)) = (label, &mut log)
             && log.due()
         {
@@ -821,10 +1007,7 @@ pub fn evaluate(
         }
     }
     bar.finish_and_clear();
-    Ok(Evaluation {
-        loss: loss_sum / seen.max(1) as f64,
-        accuracy: correct / seen.max(1) as f64,
-    })
+    Ok([loss_sum, correct, seen as f64])
 }
 
 fn summarize(
@@ -862,7 +1045,27 @@ fn summarize(
         first_step_seconds,
         test_accuracy_flip: None,
         skipped_steps: 0,
+        processes: 1,
+        checksum: String::new(),
+        all_reduce_seconds: 0.0,
     }
+}
+
+/// Checks that every process was given process 0's options; fails on every process, naming
+/// those that were not, when one was not.
+fn agree_on_options(options: &TrainOptions, collective: &dyn Collective) -> Result<()> {
+    if collective.size() == 1 {
+        return Ok(());
+    }
+    let ranks = differ_from_first(collective, serde_json::to_vec(options)?)
+        .context("comparing the options of the processes")?;
+    if !ranks.is_empty() {
+        bail!(
+            "process(es) {ranks:?} were started with other training options than process 0; \
+             start every process with the same arguments"
+        );
+    }
+    Ok(())
 }
 
 /// Writes `metrics.csv` and `curves.png` of the epochs so far.
@@ -879,14 +1082,26 @@ pub(crate) fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<()> 
     write_atomic(&dir.join("curves.png"), &png)
 }
 
-/// The checkpoint of `options`' run at `path`: refused when it was written with other options.
+/// The checkpoint of `options`' run, read from `path` as `bytes`: refused when it was
+/// written with other options or by another number of processes.
 fn load_checkpoint(
     path: &Path,
+    bytes: &[u8],
     model: ResNet,
     optimizer: ModuleOptimizer,
     options: &TrainOptions,
+    processes: usize,
 ) -> Result<(ResNet, ModuleOptimizer, RunState)> {
-    checkpoint::load(path, model, optimizer, |state: &RunState| {
+    checkpoint::load_bytes(bytes, path, model, optimizer, |state: &RunState| {
+        if state.processes != processes {
+            bail!(
+                "{} was written by a run of {} process(es) and this one has {processes}; \
+                 resume with the same number (mpirun -n {}), or use another --artifact-dir",
+                path.display(),
+                state.processes,
+                state.processes
+            );
+        }
         let Some(saved) = &state.options else {
             return Ok(());
         };

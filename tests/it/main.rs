@@ -9,6 +9,8 @@ mod cifar_files;
 #[path = "../../crates/resnet-burn/tests/it/support.rs"]
 #[macro_use]
 mod support;
+#[cfg(feature = "mpi")]
+mod distributed;
 mod finetune;
 mod images;
 mod learner;

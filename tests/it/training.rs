@@ -14,7 +14,7 @@ use cifar10_burn::augment::flip_horizontal;
 use cifar10_burn::format::{IMAGE_BYTES, encode_batch};
 use cifar10_burn::{Cifar10Dataset, HostBatch, Rng, Split};
 use resnet_burn::{Precision, ResNet, ResNetConfig, Stem};
-use resnet_burn_examples::parallel::{DataParallel, read_joined};
+use resnet_burn_examples::parallel::{Collective, DataParallel, initialize, read_joined};
 use resnet_burn_examples::scaler::{LossScaler, unscale};
 use resnet_burn_examples::train::{Control, NonFiniteLoss, Outcome, TrainOptions, evaluate, train};
 
@@ -566,7 +566,7 @@ fn data_parallel_gradients_are_the_weighted_sum_of_the_shard_gradients() {
     let batch = generated_batch(7, 11); // shards of 4 and 3 images
 
     let parallel = DataParallel::new(&[main.clone(), second], 0.1).unwrap();
-    let both = parallel.gradients(&model, batch.clone(), 1.0).unwrap();
+    let both = parallel.gradients(&model, batch.clone(), 7, 1.0).unwrap();
 
     // The same shards, one after the other on the main device alone.
     let single = DataParallel::new(std::slice::from_ref(&main), 0.1).unwrap();
@@ -574,7 +574,10 @@ fn data_parallel_gradients_are_the_weighted_sum_of_the_shard_gradients() {
     assert_eq!([shards[0].len(), shards[1].len()], [4, 3]);
     let parts: Vec<_> = shards
         .into_iter()
-        .map(|shard| single.gradients(&model, shard, 1.0).unwrap())
+        .map(|shard| {
+            let images = shard.len();
+            single.gradients(&model, shard, images, 1.0).unwrap()
+        })
         .collect();
 
     let (loss, correct) = both.loss_and_correct().unwrap();
@@ -607,6 +610,83 @@ fn data_parallel_gradients_are_the_weighted_sum_of_the_shard_gradients() {
     }
 }
 
+/// Two processes that computed the same gradients, as [`Collective`] sees them from process 0:
+/// the all-reduce doubles every value.
+struct Mirrored;
+
+impl Collective for Mirrored {
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn size(&self) -> usize {
+        2
+    }
+
+    fn all_reduce_sum(&self, values: &mut [f32]) -> anyhow::Result<()> {
+        values.iter_mut().for_each(|v| *v *= 2.0);
+        Ok(())
+    }
+
+    fn all_reduce_sum_f64(&self, values: &mut [f64]) -> anyhow::Result<()> {
+        values.iter_mut().for_each(|v| *v *= 2.0);
+        Ok(())
+    }
+
+    fn broadcast(&self, _bytes: &mut Vec<u8>) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// The sum over processes takes every gradient out of its tensor and puts it back where it
+/// was, in one buffer with the totals: with two processes that computed the same part of a
+/// batch of twice its size, the gradients and the mean loss are one process's, bit for bit. A
+/// process whose loss is not finite fails before the others are waited for, naming itself.
+#[test]
+fn the_sum_over_processes_puts_every_gradient_back_in_place() {
+    let device = Device::flex().autodiff();
+    let model = ResNetConfig::resnet18(10)
+        .with_stem(Stem::Cifar)
+        .with_base_channels(4)
+        .try_init_seeded(&device, 5)
+        .unwrap();
+    initialize(&model);
+    let batch = generated_batch(6, 2);
+    let local = DataParallel::new(std::slice::from_ref(&device), 0.0).unwrap();
+    let one = local.gradients(&model, batch.clone(), 6, 1.0).unwrap();
+    // Half the weight of each image over two processes, doubled by the all-reduce.
+    let two = DataParallel::distributed(std::slice::from_ref(&device), 0.0, &Mirrored).unwrap();
+    let summed = two.gradients(&model, batch.clone(), 12, 1.0).unwrap();
+    let (one_values, summed_values) = (
+        gradient_values(&model, &one.grads),
+        gradient_values(&model, &summed.grads),
+    );
+    assert_eq!(
+        one_values.len(),
+        model.torchvision_state_dict().len() - 3 * 20
+    );
+    assert!(
+        one_values == summed_values,
+        "the gradients moved or changed"
+    );
+    // The mean loss over the 12 images is the 6 images' mean; the correct answers add up.
+    let (loss, correct) = one.loss_and_correct().unwrap();
+    assert_eq!(summed.loss_and_correct().unwrap(), (loss, 2 * correct));
+
+    let nan = HostBatch {
+        pixels: vec![f32::NAN; batch.pixels.len()],
+        ..batch
+    };
+    let error = two
+        .gradients(&model, nan, 12, 1.0)
+        .err()
+        .expect("a NaN loss");
+    assert!(
+        error.to_string().contains("process 0 of 2 is NaN"),
+        "{error}"
+    );
+}
+
 /// Loss scaling: the gradients of the loss scaled by a power of two are the plain gradients
 /// times it, and unscaled they are the plain gradients bit for bit, on one device and split
 /// between two; a gradient that overflowed is reported.
@@ -625,8 +705,13 @@ fn scaled_gradients_unscale_exactly_and_overflow_is_seen() {
         vec![main.clone(), devices::ndarray().autodiff()],
     ] {
         let replicas = DataParallel::new(&devices, 0.1).unwrap();
-        let plain = replicas.gradients(&model, batch.clone(), 1.0).unwrap();
-        let mut scaled = replicas.gradients(&model, batch.clone(), scale).unwrap();
+        let images = batch.len();
+        let plain = replicas
+            .gradients(&model, batch.clone(), images, 1.0)
+            .unwrap();
+        let mut scaled = replicas
+            .gradients(&model, batch.clone(), images, scale)
+            .unwrap();
         assert_eq!(
             scaled.loss_and_correct().unwrap(),
             plain.loss_and_correct().unwrap(),
@@ -805,7 +890,7 @@ fn data_parallel_refuses_a_device_twice_and_too_small_batches() {
         .with_base_channels(4)
         .init(&flex);
     let error = parallel
-        .gradients(&model, generated_batch(1, 1), 1.0)
+        .gradients(&model, generated_batch(1, 1), 1, 1.0)
         .err()
         .expect("one image for two devices is refused");
     assert!(error.to_string().contains("--batch-size"), "{error}");
