@@ -12,11 +12,13 @@
 //! forever for one that is gone. Files are replaced atomically, so the last checkpoint stays
 //! intact whatever moment the job stops at.
 
+use std::cell::RefCell;
 use std::sync::Once;
 
 use anyhow::{Result, anyhow, bail};
 use mpi::Threading;
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
+use mpi::datatype::Equivalence;
 use mpi::environment::Universe;
 use mpi::topology::{Communicator, SimpleCommunicator};
 
@@ -25,6 +27,9 @@ use crate::parallel::Collective;
 /// Every process of the MPI job (`MPI_COMM_WORLD`). MPI is finalized when it is dropped.
 pub struct Mpi {
     world: SimpleCommunicator,
+    /// The copy of the values an all-reduce sends (MPI reads and writes two buffers), kept
+    /// between steps rather than allocated for every gradient bucket.
+    send: RefCell<Vec<f32>>,
     _universe: Universe,
 }
 
@@ -54,6 +59,7 @@ impl Mpi {
         });
         Ok(Self {
             world,
+            send: RefCell::default(),
             _universe: universe,
         })
     }
@@ -63,6 +69,17 @@ impl Mpi {
     pub fn abort(&self, cause: &str) -> ! {
         stop_every_process(self.rank(), self.size(), cause)
     }
+}
+
+/// `values` summed over the processes of `world`, in place, through the buffer `send`.
+fn sum_into<T: Equivalence + Copy>(
+    world: &SimpleCommunicator,
+    send: &mut Vec<T>,
+    values: &mut [T],
+) {
+    send.clear();
+    send.extend_from_slice(values);
+    world.all_reduce_into(&send[..], values, SystemOperation::sum());
 }
 
 fn stop_every_process(rank: usize, size: usize, cause: &str) -> ! {
@@ -80,16 +97,13 @@ impl Collective for Mpi {
     }
 
     fn all_reduce_sum(&self, values: &mut [f32]) -> Result<()> {
-        let send = values.to_vec();
-        self.world
-            .all_reduce_into(&send[..], values, SystemOperation::sum());
+        sum_into(&self.world, &mut self.send.borrow_mut(), values);
         Ok(())
     }
 
     fn all_reduce_sum_f64(&self, values: &mut [f64]) -> Result<()> {
-        let send = values.to_vec();
-        self.world
-            .all_reduce_into(&send[..], values, SystemOperation::sum());
+        // A few totals at a time: no buffer worth keeping.
+        sum_into(&self.world, &mut Vec::new(), values);
         Ok(())
     }
 

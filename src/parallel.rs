@@ -183,11 +183,6 @@ impl<'c> DataParallel<'c> {
         &self.main
     }
 
-    /// The processes the gradients are summed over.
-    pub fn collective(&self) -> &'c dyn Collective {
-        self.collective
-    }
-
     /// Time spent so far in the all-reduce of the gradients over the processes, which
     /// includes waiting for the slowest process (not the transfers between device and host
     /// around it); zero with one process.

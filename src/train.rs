@@ -417,9 +417,8 @@ pub fn train_with(
             });
         };
         model = run.end_epoch(model, end, &test)?;
-        if run.agree_to_stop(control.stop.load(Ordering::SeqCst))?
-            && run.state.epoch < options.epochs
-        {
+        let [stop] = run.any_process([control.stop.load(Ordering::SeqCst)])?;
+        if stop && run.state.epoch < options.epochs {
             return Ok(Outcome::Interrupted {
                 epoch: run.state.epoch + 1,
                 step: 0,
@@ -662,22 +661,19 @@ impl<'a> Run<'a> {
     fn agree_on_checkpoints(&self) -> Result<(bool, bool)> {
         let stop = self.control.stop_requested(self.steps_this_process);
         let due = self.leader && self.control.checkpoint_due(self.last_checkpoint);
-        if self.collective.size() == 1 {
-            return Ok((stop, due));
-        }
-        let mut votes = [f32::from(u8::from(stop)), f32::from(u8::from(due))];
-        self.collective.all_reduce_sum(&mut votes)?;
-        Ok((votes[0] > 0.0, votes[1] > 0.0))
+        let [stop, due] = self.any_process([stop, due])?;
+        Ok((stop, due))
     }
 
-    /// Whether any process was asked to stop (`stop` is this one's answer).
-    fn agree_to_stop(&self, stop: bool) -> Result<bool> {
+    /// For each of `flags`, this process's answer to a question, whether any process
+    /// answered yes.
+    fn any_process<const N: usize>(&self, flags: [bool; N]) -> Result<[bool; N]> {
         if self.collective.size() == 1 {
-            return Ok(stop);
+            return Ok(flags);
         }
-        let mut votes = [f32::from(u8::from(stop))];
+        let mut votes = flags.map(|flag| f32::from(u8::from(flag)));
         self.collective.all_reduce_sum(&mut votes)?;
-        Ok(votes[0] > 0.0)
+        Ok(votes.map(|votes| votes > 0.0))
     }
 
     /// One optimizer step on `host`'s images, this process's part of the step's `images`,
