@@ -5,6 +5,7 @@ images/s for each case and backend with the ratio Burn / PyTorch.
     python3 benches/compare.py [--backends flex,ndarray,wgpu] [--cases resnet18_cifar]
     python3 benches/compare.py --bench layers [--backends flex]
     python3 benches/compare.py --backends wgpu --torch-device cuda --bench-binary PATH
+    python3 benches/compare.py --backends flex --precision bf16
 
 With --bench-binary, a bench built elsewhere (`cargo bench --bench resnet --no-run` prints its
 path) runs without cargo, e.g. on a GPU machine; criterion then writes under $CRITERION_HOME
@@ -13,7 +14,9 @@ path) runs without cargo, e.g. on a GPU machine; criterion then writes under $CR
 Burn's figures come from criterion (`cargo bench --bench resnet` or `--bench layers`), read
 back from
 target/criterion/*/new/estimates.json (median time per iteration); PyTorch's from
-benches/pytorch_reference.py with the same threads. Writes the table as Markdown too.
+benches/pytorch_reference.py with the same threads. With --precision bf16 (or f16) the model
+runs in that precision (BENCH_PRECISION) and PyTorch under torch.autocast, in NCHW and in
+channels_last: the faster of the two is the reference. Writes the table as Markdown too.
 """
 import argparse
 import json
@@ -73,7 +76,10 @@ def main():
     parser.add_argument("--torch-device", default="cpu")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     parser.add_argument("--bench-binary", default=None, help="a prebuilt criterion bench to run instead of cargo bench")
+    parser.add_argument("--precision", default="f32", choices=["f32", "bf16", "f16"])
     args = parser.parse_args()
+    mixed = args.precision != "f32"
+    suffix = f"-{args.precision}" if mixed else ""
 
     layers = args.bench == "layers"
     if layers:
@@ -81,8 +87,8 @@ def main():
     else:
         cases = args.cases.split(",")
     backends = args.backends.split(",")
-    env = dict(os.environ, BENCH_BACKENDS=args.backends)
-    filter_regex = "(" + "|".join(cases) + ")/(" + "|".join(backends) + ")$"
+    env = dict(os.environ, BENCH_BACKENDS=args.backends, BENCH_PRECISION=args.precision)
+    filter_regex = "(" + "|".join(cases) + ")/(" + "|".join(backends) + ")" + suffix + "$"
     if args.bench_binary:
         criterion = pathlib.Path(env.setdefault("CRITERION_HOME", str(pathlib.Path("criterion-results").resolve())))
         subprocess.run([args.bench_binary, "--bench", filter_regex], env=env, check=True)
@@ -91,13 +97,21 @@ def main():
         subprocess.run(["cargo", "bench", "--bench", args.bench, "--", filter_regex], cwd=ROOT, env=env, check=True)
 
     torch_json = pathlib.Path("target-pytorch.json").resolve()
-    subprocess.run(
-        [sys.executable, str(ROOT / "benches/pytorch_reference.py"), "--device", args.torch_device,
-         "--json", str(torch_json), "--cases", ",".join(cases)] + (["--layers"] if layers else []),
-        cwd=ROOT, check=True,
-    )
-    torch_results = json.loads(torch_json.read_text())
-    torch_json.unlink()
+    layouts = [[], ["--channels-last"]] if mixed else [[]]
+    torch_runs = []
+    for layout in layouts:
+        subprocess.run(
+            [sys.executable, str(ROOT / "benches/pytorch_reference.py"), "--device", args.torch_device,
+             "--json", str(torch_json), "--cases", ",".join(cases), "--precision", args.precision]
+            + layout + (["--layers"] if layers else []),
+            cwd=ROOT, check=True,
+        )
+        torch_runs.append(json.loads(torch_json.read_text()))
+        torch_json.unlink()
+    torch_results = torch_runs[0]
+    for run in torch_runs[1:]:
+        for case, value in run["cases"].items():
+            torch_results["cases"][case] = max(value, torch_results["cases"].get(case, 0.0))
 
     rows = ["| case | backend | Burn images/s | PyTorch images/s | Burn / PyTorch |", "|---|---|---:|---:|---:|"]
     batches = {f"layer/{name}": LAYER_BATCH for name in cases} if layers else BATCH
@@ -107,16 +121,17 @@ def main():
             continue
         reference = torch_results["cases"].get(case)
         for backend in backends:
-            estimates = criterion / group / name / backend / "new" / "estimates.json"
+            estimates = criterion / group / name / (backend + suffix) / "new" / "estimates.json"
             if not estimates.exists():
                 continue
             seconds = json.loads(estimates.read_text())["median"]["point_estimate"] / 1e9
             burn = batches[case] / seconds
             ratio = f"{burn / reference:.2f}x" if reference else "-"
             torch_figure = f"{reference:.1f}" if reference else "-"
-            rows.append(f"| {case} | {backend} | {burn:.1f} | {torch_figure} | {ratio} |")
+            rows.append(f"| {case} | {backend}{suffix} | {burn:.1f} | {torch_figure} | {ratio} |")
     table = "\n".join(rows)
-    print(f"\nPyTorch {torch_results['torch']} on {torch_results['device']}, {torch_results['threads']} threads; CPU: {cpu_model()}\n")
+    precision = f", autocast {args.precision} (faster of NCHW and channels_last)" if mixed else ""
+    print(f"\nPyTorch {torch_results['torch']} on {torch_results['device']}, {torch_results['threads']} threads{precision}; CPU: {cpu_model()}\n")
     print(table)
     if args.markdown:
         pathlib.Path(args.markdown).write_text(table + "\n")

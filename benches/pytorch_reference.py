@@ -6,7 +6,8 @@ the same shapes, in images per second.
 
 Inference: model.eval() under torch.no_grad(). Training step: forward, cross-entropy,
 backward, SGD update. Layers: forward under torch.no_grad(), and forward plus backward of
-the first stage's convolution. fp32 (TF32 off on CUDA). The median of the timed steps is
+the first stage's convolution. fp32 (TF32 off on CUDA), or with --precision bf16 / f16 under
+`torch.autocast` (the model's parameters f32), NCHW or with --channels-last. The median of the timed steps is
 reported, after warm-up steps, syncing the device inside each timed step as the Rust
 benches do.
 """
@@ -108,40 +109,58 @@ def main():
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--cases", default="", help="comma-separated case names (default all)")
     parser.add_argument("--layers", action="store_true", help="the cases of benches/layers.rs")
+    parser.add_argument("--precision", default="f32", choices=["f32", "bf16", "f16"],
+                        help="f32, or mixed precision under torch.autocast with this type")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC activations and weights")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device(args.device)
-    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device), "cases": {}}
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    autocast = torch.autocast(
+        device.type,
+        dtype={"bf16": torch.bfloat16, "f16": torch.float16}.get(args.precision, torch.float32),
+        enabled=args.precision != "f32",
+    )
+    results = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "precision": args.precision,
+        "channels_last": args.channels_last,
+        "cases": {},
+    }
     if args.layers:
         results["cases"] = layer_cases(device, args.seconds)
     for name, build, size, infer_batch, train_batch in CASES:
         if args.layers or (args.cases and name not in args.cases.split(",")):
             continue
-        model = build().to(device)
+        model = build().to(device, memory_format=layout)
         classes = model.fc.out_features
 
         model.eval()
-        x = torch.randn(infer_batch, 3, size, size, device=device)
+        x = torch.randn(infer_batch, 3, size, size, device=device).to(memory_format=layout)
 
         def infer():
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 model(x)
 
         t = timed(infer, device, args.seconds)
         results["cases"][f"inference/{name}"] = infer_batch / t
 
         model.train()
-        x = torch.randn(train_batch, 3, size, size, device=device)
+        x = torch.randn(train_batch, 3, size, size, device=device).to(memory_format=layout)
         y = torch.arange(train_batch, device=device) % classes
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         loss_fn = nn.CrossEntropyLoss()
 
         def train_step():
             opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
+            with autocast:
+                loss = loss_fn(model(x), y)
+            loss.backward()
             opt.step()
 
         t = timed(train_step, device, args.seconds)

@@ -6,6 +6,8 @@
 //!
 //! Each case's id is `<case>/<backend>`; select with a filter, e.g.
 //! `cargo bench --bench resnet -- flex`. The device is synced inside the timed region.
+//! `BENCH_PRECISION=bf16` (or `f16`) measures the model in that precision, under ids
+//! `<case>/<backend>-bf16`.
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -13,7 +15,7 @@ use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Distribution, Int, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use resnet_burn::{ResNetConfig, Stem};
-use resnet_burn_examples::bench::backends;
+use resnet_burn_examples::bench::{backends, precision};
 use std::time::Duration;
 
 struct Case {
@@ -47,9 +49,14 @@ fn inference(c: &mut Criterion) {
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5));
+    let (precision, suffix) = precision();
     for (backend, device) in backends() {
+        let id = format!("{backend}{suffix}");
         for case in &CASES {
-            let model = (case.config)().init(&device).valid();
+            let model = (case.config)()
+                .with_precision(precision)
+                .init(&device)
+                .valid();
             let input = Tensor::<4>::random(
                 [case.infer_batch, 3, case.size, case.size],
                 Distribution::Default,
@@ -57,7 +64,7 @@ fn inference(c: &mut Criterion) {
             );
             group.throughput(Throughput::Elements(case.infer_batch as u64));
             let mut warm = false;
-            group.bench_function(BenchmarkId::new(case.name, backend), |b| {
+            group.bench_function(BenchmarkId::new(case.name, &id), |b| {
                 // Compile and autotune outside the timing, only in the cases the filter keeps.
                 if !std::mem::replace(&mut warm, true) {
                     model.forward(input.clone()).into_data();
@@ -79,10 +86,12 @@ fn training_step(c: &mut Criterion) {
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5));
+    let (precision, suffix) = precision();
     for (backend, device) in backends() {
         let device = device.autodiff();
+        let id = format!("{backend}{suffix}");
         for case in &CASES {
-            let mut model = Some((case.config)().init(&device));
+            let mut model = Some((case.config)().with_precision(precision).init(&device));
             let classes = (case.config)().num_classes;
             let images = Tensor::<4>::random(
                 [case.train_batch, 3, case.size, case.size],
@@ -108,7 +117,7 @@ fn training_step(c: &mut Criterion) {
             };
             group.throughput(Throughput::Elements(case.train_batch as u64));
             let mut warm = false;
-            group.bench_function(BenchmarkId::new(case.name, backend), |b| {
+            group.bench_function(BenchmarkId::new(case.name, &id), |b| {
                 // Compile and autotune outside the timing, only in the cases the filter keeps.
                 if !std::mem::replace(&mut warm, true) {
                     step();

@@ -111,10 +111,11 @@ struct Args {
     /// takes well under a second (BENCHMARKS.md).
     #[arg(long, value_name = "MINUTES", default_value_t = 5.0)]
     checkpoint_every: f64,
-    /// Float types: f32, or f16 (mixed precision: convolutions in f16 on GPU backends, on
+    /// Float types: f32; f16 (mixed precision: convolutions in f16 on GPU backends, on
     /// tensor cores where the backend has kernels for them; the rest stays f32 and the loss is
-    /// scaled dynamically, see resnet_burn::Precision). Default: $RESNET_BURN_PRECISION, else
-    /// f32.
+    /// scaled dynamically); or bf16 (convolution products with bf16 operands and f32 sums on
+    /// CPUs with AVX512-BF16, bf16 convolutions on GPU backends that have the type). See
+    /// resnet_burn::Precision. Default: $RESNET_BURN_PRECISION, else f32.
     #[arg(long, env = "RESNET_BURN_PRECISION", default_value_t = Precision::F32)]
     precision: Precision,
     /// Train data-parallel with the other processes of an MPI job: `mpi` (needs the `mpi`
@@ -200,8 +201,16 @@ fn run(args: Args, collective: &dyn Collective) -> Result<()> {
             say!("{device:?} has no {precision} arithmetic: its convolutions stay f32");
         }
     }
-    if precision != Precision::F32 && devices.iter().any(on_cpu) {
-        say!("on CPU backends convolutions stay f32; --precision {precision} only scales the loss");
+    if let Some(device) = devices.iter().find(|d| on_cpu(d)) {
+        match precision {
+            Precision::F16 => {
+                say!("on CPU backends convolutions stay f32; --precision f16 only scales the loss")
+            }
+            Precision::Bf16 if !precision.applies_to(device) => say!(
+                "this CPU has no AVX512-BF16: convolutions stay f32 (--precision bf16 changes nothing)"
+            ),
+            _ => {}
+        }
     }
 
     // Process 0 downloads the data set when it is missing, before the others look for it:

@@ -35,7 +35,7 @@ use burn::tensor::TensorData;
 use crate::im2col::Im2col;
 use crate::norm::{NormGradients, Normalized, Planes};
 use crate::pool::MaxPool;
-use crate::{Affine, ConvAlgorithm};
+use crate::{Affine, ConvPlan};
 
 /// Training, with gradients on `Autodiff`:
 ///
@@ -56,7 +56,7 @@ pub trait CpuTraining: Backend {
         weight: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [usize; 2],
-        algorithm: ConvAlgorithm,
+        plan: ConvPlan,
     ) -> FloatTensor<Self>;
 
     fn batch_norm_train_planes(
@@ -78,7 +78,7 @@ pub trait CpuInference: Backend {
         stride: [usize; 2],
         padding: [usize; 2],
         affine: Affine,
-        algorithm: ConvAlgorithm,
+        plan: ConvPlan,
     ) -> FloatTensor<Self>;
 
     fn host_conv2d_affine_residual(
@@ -88,7 +88,7 @@ pub trait CpuInference: Backend {
         stride: [usize; 2],
         padding: [usize; 2],
         affine: Affine,
-        algorithm: ConvAlgorithm,
+        plan: ConvPlan,
     ) -> FloatTensor<Self>;
 
     fn max_pool2d_planes(
@@ -176,11 +176,12 @@ fn geometry<B: Backend>(
     weight: &FloatTensor<B>,
     stride: [usize; 2],
     padding: [usize; 2],
-    algorithm: ConvAlgorithm,
+    plan: ConvPlan,
 ) -> Im2col {
     Im2col::new(x.shape().dims(), weight.shape().dims(), stride, padding)
         .expect("the caller checked the convolution's geometry")
-        .with_algorithm(algorithm)
+        .with_algorithm(plan.algorithm)
+        .with_precision(plan.precision)
 }
 
 /// The convolution of the images `x` by `weight`, with `epilogue(i, out)` on each image's
@@ -202,9 +203,9 @@ fn conv<B: HostTensors>(
     weight: FloatTensor<B>,
     stride: [usize; 2],
     padding: [usize; 2],
-    algorithm: ConvAlgorithm,
+    plan: ConvPlan,
 ) -> FloatTensor<B> {
-    let geometry = geometry::<B>(&x, &weight, stride, padding, algorithm);
+    let geometry = geometry::<B>(&x, &weight, stride, padding, plan);
     let (x, weight) = (B::host(x), B::host(weight));
     let out = convolve(&geometry, x.values(), weight.values(), |_, _| {});
     B::from_host(out, &geometry.out_shape())
@@ -217,9 +218,9 @@ fn conv_affine<B: HostTensors>(
     stride: [usize; 2],
     padding: [usize; 2],
     affine: &Affine,
-    algorithm: ConvAlgorithm,
+    plan: ConvPlan,
 ) -> FloatTensor<B> {
-    let geometry = geometry::<B>(&x, &weight, stride, padding, algorithm);
+    let geometry = geometry::<B>(&x, &weight, stride, padding, plan);
     let (x, weight) = (B::host(x), B::host(weight));
     let residual = residual.map(B::host);
     let residual = residual.as_ref().map(Host::values);
@@ -280,9 +281,9 @@ macro_rules! on_host {
                 weight: FloatTensor<Self>,
                 stride: [usize; 2],
                 padding: [usize; 2],
-                algorithm: ConvAlgorithm,
+                plan: ConvPlan,
             ) -> FloatTensor<Self> {
-                conv::<Self>(x, weight, stride, padding, algorithm)
+                conv::<Self>(x, weight, stride, padding, plan)
             }
 
             fn batch_norm_train_planes(
@@ -302,9 +303,9 @@ macro_rules! on_host {
                 stride: [usize; 2],
                 padding: [usize; 2],
                 affine: Affine,
-                algorithm: ConvAlgorithm,
+                plan: ConvPlan,
             ) -> FloatTensor<Self> {
-                conv_affine::<Self>(x, weight, None, stride, padding, &affine, algorithm)
+                conv_affine::<Self>(x, weight, None, stride, padding, &affine, plan)
             }
 
             fn host_conv2d_affine_residual(
@@ -314,17 +315,9 @@ macro_rules! on_host {
                 stride: [usize; 2],
                 padding: [usize; 2],
                 affine: Affine,
-                algorithm: ConvAlgorithm,
+                plan: ConvPlan,
             ) -> FloatTensor<Self> {
-                conv_affine::<Self>(
-                    x,
-                    weight,
-                    Some(residual),
-                    stride,
-                    padding,
-                    &affine,
-                    algorithm,
-                )
+                conv_affine::<Self>(x, weight, Some(residual), stride, padding, &affine, plan)
             }
 
             fn max_pool2d_planes(
@@ -351,7 +344,7 @@ struct Saved<B: Backend> {
     weight: FloatTensor<B>,
     stride: [usize; 2],
     padding: [usize; 2],
-    algorithm: ConvAlgorithm,
+    plan: ConvPlan,
 }
 
 #[derive(Debug)]
@@ -368,9 +361,9 @@ impl<B: HostTensors> Backward<B, 2> for HostConvBackward {
             weight,
             stride,
             padding,
-            algorithm,
+            plan,
         } = ops.state;
-        let geometry = geometry::<B>(&x, &weight, stride, padding, algorithm);
+        let geometry = geometry::<B>(&x, &weight, stride, padding, plan);
         let (x, weight) = (B::host(x), B::host(weight));
         let (x, weight, grad) = (x.values(), weight.values(), grad.values());
         let (want_x, want_weight) = (x_node.is_some(), weight_node.is_some());
@@ -454,7 +447,7 @@ impl<B: HostTensors + CpuTraining, C: CheckpointStrategy> CpuTraining for Autodi
         weight: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [usize; 2],
-        algorithm: ConvAlgorithm,
+        plan: ConvPlan,
     ) -> FloatTensor<Self> {
         let nodes = [x.node(), weight.node()];
         let (x, weight) = (x.into_primitive(), weight.into_primitive());
@@ -464,18 +457,18 @@ impl<B: HostTensors + CpuTraining, C: CheckpointStrategy> CpuTraining for Autodi
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let out = B::host_conv2d(x.clone(), weight.clone(), stride, padding, algorithm);
+                let out = B::host_conv2d(x.clone(), weight.clone(), stride, padding, plan);
                 let saved = Saved {
                     x,
                     weight,
                     stride,
                     padding,
-                    algorithm,
+                    plan,
                 };
                 prep.finish(saved, out)
             }
             OpsKind::UnTracked(prep) => {
-                prep.finish(B::host_conv2d(x, weight, stride, padding, algorithm))
+                prep.finish(B::host_conv2d(x, weight, stride, padding, plan))
             }
         }
     }

@@ -12,9 +12,10 @@ use rayon::prelude::*;
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 
-use crate::ConvAlgorithm;
 use crate::geometry::{is_plain, output_size};
+use crate::matmul::{self, Strided};
 use crate::winograd::{Algorithm, Winograd};
+use crate::{ConvAlgorithm, ConvPrecision};
 
 /// The output pixels a product of the backward is given at least, where images are small:
 /// several images side by side (see `Im2col::backward_group`).
@@ -61,6 +62,7 @@ pub(crate) struct Im2col {
     out_height: usize,
     out_width: usize,
     algorithm: ConvAlgorithm,
+    precision: ConvPrecision,
 }
 
 impl Im2col {
@@ -96,12 +98,18 @@ impl Im2col {
                 out_height,
                 out_width,
                 algorithm: ConvAlgorithm::Auto,
+                precision: ConvPrecision::F32,
             })
     }
 
     /// The same geometry, computed by `algorithm` where it applies (see [`Self::winograd`]).
     pub(crate) fn with_algorithm(self, algorithm: ConvAlgorithm) -> Self {
         Self { algorithm, ..self }
+    }
+
+    /// The same geometry, its products in `precision`.
+    pub(crate) fn with_precision(self, precision: ConvPrecision) -> Self {
+        Self { precision, ..self }
     }
 
     pub(crate) fn stride(&self) -> [usize; 2] {
@@ -179,7 +187,12 @@ impl Im2col {
                 if !pays {
                     return None;
                 }
-                if self.height.min(self.width) >= WINOGRAD_4_SIDE {
+                // F(4x4, 3x3)'s transforms scale values by up to 8 and 1/30: with bf16
+                // operands its error reached 3% of the output's magnitude, F(2x2, 3x3)'s
+                // stays within bf16's own rounding (`bf16_training_is_within_...`).
+                if self.height.min(self.width) >= WINOGRAD_4_SIDE
+                    && self.precision == ConvPrecision::F32
+                {
                     Algorithm::F4
                 } else {
                     Algorithm::F2
@@ -195,6 +208,7 @@ impl Im2col {
                 self.out_channels,
             )
             .with_algorithm(algorithm)
+            .with_precision(self.precision)
         })
     }
 
@@ -458,29 +472,27 @@ impl Im2col {
             rhs.rows,
             rhs.cols
         );
+        let view = |m: &Matrix<'_>| Strided {
+            ptr: m.data.as_ptr(),
+            row_stride: m.row_stride,
+            col_stride: m.col_stride,
+        };
+        let out = Strided {
+            ptr: dst.ptr,
+            row_stride: dst.cols as isize,
+            col_stride: 1,
+        };
         // SAFETY: each view addresses only its slice (see `Matrix` and `Dst`) and the shapes
-        // agree, so every index the product touches is in bounds; gemm reads `dst` only with
+        // agree, so every index the product touches is in bounds; `dst` is read only with
         // `accumulate`, when the caller guarantees it is initialized.
         unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.ptr,
-                1,
-                dst.cols as isize,
+            matmul::product(
+                self.precision,
+                [m, n, k],
+                out,
                 accumulate,
-                lhs.data.as_ptr(),
-                lhs.col_stride,
-                lhs.row_stride,
-                rhs.data.as_ptr(),
-                rhs.col_stride,
-                rhs.row_stride,
-                if accumulate { 1.0 } else { 0.0 },
-                1.0,
-                false,
-                false,
-                false,
+                view(&lhs),
+                view(&rhs),
                 parallelism,
             );
         }

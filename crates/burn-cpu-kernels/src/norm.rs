@@ -5,11 +5,14 @@
 //! about ten elementwise passes forward and as many backward, each allocating a tensor of the
 //! activation's size. Here the forward is two reading passes (mean, then variance about it)
 //! and one writing pass; the backward one reading pass (two sums a channel) and one writing
-//! pass. Sums are in f64, eight lanes at a time.
+//! pass. Sums are in f64, eight lanes at a time; the loops are compiled for the
+//! instruction set the CPU has ([`Simd`]).
 
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
+
+use crate::simd::{Simd, dispatch};
 
 /// The shape of a BatchNorm's `[batch, channels, height, width]` input, as planes of
 /// `pixels` values.
@@ -18,6 +21,7 @@ pub(crate) struct Planes {
     batch: usize,
     channels: usize,
     pixels: usize,
+    simd: Simd,
 }
 
 /// What the forward computes: the output, and each channel's batch mean and biased
@@ -43,7 +47,14 @@ impl Planes {
             batch,
             channels,
             pixels,
+            simd: Simd::detect(),
         })
+    }
+
+    /// These planes with their loops compiled for `simd` (by default [`Simd::detect`]'s).
+    #[cfg(test)]
+    fn with_simd(self, simd: Simd) -> Self {
+        Self { simd, ..self }
     }
 
     fn len(&self) -> usize {
@@ -70,7 +81,12 @@ impl Planes {
         f: impl Fn(f32, f32) -> [f64; 2],
     ) -> [f64; 2] {
         (0..self.batch).fold([0.0; 2], |[s0, s1], n| {
-            let [p0, p1] = lane_sums(self.plane(a, n, c), self.plane(b, n, c), &f);
+            let (a, b) = (self.plane(a, n, c), self.plane(b, n, c));
+            let [p0, p1] = dispatch!(self.simd, lane_sums(
+                a: &[f32] = a,
+                b: &[f32] = b,
+                f: &impl Fn(f32, f32) -> [f64; 2] = &f,
+            ) -> [f64; 2]);
             [s0 + p0, s1 + p1]
         })
     }
@@ -83,14 +99,13 @@ impl Planes {
             .par_chunks_mut(image)
             .zip(a.par_chunks(image).zip(b.par_chunks(image)))
             .for_each(|(out, (a, b))| {
-                let planes = out
-                    .chunks_mut(self.pixels)
-                    .zip(a.chunks(self.pixels).zip(b.chunks(self.pixels)));
-                for (c, (out, (a, b))) in planes.enumerate() {
-                    for (o, (&a, &b)) in out.iter_mut().zip(a.iter().zip(b)) {
-                        *o = MaybeUninit::new(f(c, a, b));
-                    }
-                }
+                dispatch!(self.simd, map_image(
+                    out: &mut [MaybeUninit<f32>] = out,
+                    a: &[f32] = a,
+                    b: &[f32] = b,
+                    pixels: usize = self.pixels,
+                    f: &impl Fn(usize, f32, f32) -> f32 = &f,
+                ) -> ())
             });
         // SAFETY: the loop above wrote all `len` values, plane by plane.
         unsafe { out.set_len(len) };
@@ -193,9 +208,29 @@ impl Planes {
     }
 }
 
+/// `out[c, p] = f(c, a[c, p], b[c, p])` over one image's planes of `pixels` values.
+#[inline(always)]
+fn map_image(
+    out: &mut [MaybeUninit<f32>],
+    a: &[f32],
+    b: &[f32],
+    pixels: usize,
+    f: &impl Fn(usize, f32, f32) -> f32,
+) {
+    let planes = out
+        .chunks_mut(pixels)
+        .zip(a.chunks(pixels).zip(b.chunks(pixels)));
+    for (c, (out, (a, b))) in planes.enumerate() {
+        for (o, (&a, &b)) in out.iter_mut().zip(a.iter().zip(b)) {
+            *o = MaybeUninit::new(f(c, a, b));
+        }
+    }
+}
+
 /// `f(a[i], b[i])` summed over `i`, in eight independent lanes of each of the two sums, so
 /// that the compiler can vectorize them.
-fn lane_sums(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> [f64; 2]) -> [f64; 2] {
+#[inline(always)]
+fn lane_sums(a: &[f32], b: &[f32], f: &impl Fn(f32, f32) -> [f64; 2]) -> [f64; 2] {
     let mut lanes = [[0f64; 8]; 2];
     let (chunks_a, chunks_b) = (a.chunks_exact(8), b.chunks_exact(8));
     let rest = chunks_a.remainder().iter().zip(chunks_b.remainder());
@@ -253,6 +288,38 @@ mod tests {
                     assert!((o as f64 - expected).abs() < 1e-4, "{o} {expected}");
                 }
             }
+        }
+    }
+
+    /// Forward and backward compiled for each instruction set the CPU has give the
+    /// baseline's bits.
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        let planes = Planes::new([3, 4, 5, 7]).unwrap();
+        let values = |seed: usize| -> Vec<f32> {
+            (0..planes.len())
+                .map(|i| ((i * 7919 + seed * 104_729) % 211) as f32 / 37.0 - 2.5)
+                .collect()
+        };
+        let (x, grad) = (values(1), values(2));
+        let (gamma, beta) = ([1.5f32, 0.5, -0.25, 2.0], [0.25f32, -1.0, 0.0, 3.0]);
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let run = |planes: Planes| {
+            let out = planes.forward(&x, &gamma, &beta, 1e-5);
+            let grads = planes.backward(&x, &gamma, &out.mean, &out.variance, 1e-5, &grad);
+            [
+                out.output,
+                out.mean,
+                out.variance,
+                grads.x,
+                grads.gamma,
+                grads.beta,
+            ]
+            .map(|v| bits(&v))
+        };
+        let baseline = run(planes.with_simd(Simd::Baseline));
+        for simd in Simd::available() {
+            assert_eq!(run(planes.with_simd(simd)), baseline, "{simd:?}");
         }
     }
 

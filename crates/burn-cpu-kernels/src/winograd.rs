@@ -12,14 +12,18 @@
 //! magnitude; `rounding_error_on_residual_network_layers`). The forward and the input's
 //! gradient use either ([`Algorithm`]); the weight's gradient F(2x2, 3x3).
 //!
-//! The products are the `gemm` crate's. The transforms compute eight blocks at a time, in
-//! AVX2 vectors where the CPU has them (in SSE2 ones elsewhere on x86-64). Images are shared
+//! The products are the `gemm` crate's in f32 ([`matmul`]). The transforms compute eight blocks at a time,
+//! compiled for AVX2 where the CPU has it ([`Simd`]; SSE2 elsewhere on x86-64; an AVX-512 copy is tested, not chosen). Images are shared
 //! between threads in panels of a size fixed by the geometry and the number of threads, and
 //! the weight's gradient sums the threads' parts in order, so the results are the same on
 //! every run.
 
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
+
+use crate::ConvPrecision;
+use crate::matmul::{self, Strided};
+use crate::simd::{Simd, dispatch};
 
 /// The output pixels a panel's products are given at least, where images are small: several
 /// images side by side. 256 blocks of F(2x2, 3x3), 64 of F(4x4, 3x3), whose transformed
@@ -81,14 +85,16 @@ fn block_side(a: f32, b: f32, c: f32, d: f32) -> [f32; 3] {
     [a + 0.5 * (b + c), 0.5 * (b - c), 0.5 * (b + c) + d]
 }
 
-/// Blocks the transforms compute at once, in vectors: one of AVX2, two of SSE2.
+/// Blocks the transforms compute at once, in vectors: one of AVX2 (or AVX-512's 256-bit
+/// form, with its 32 registers), two of SSE2.
 const LANES: usize = 8;
 
 /// One value of [`LANES`] blocks.
 type Lane = [f32; LANES];
 
 // The lanes' arithmetic and the transforms below avoid `std::array::from_fn` and `map`,
-// which the compiler does not always inline into the AVX2 copies of the transforms.
+// which the compiler does not always inline into the AVX2 and AVX-512 copies of the
+// transforms.
 
 #[inline(always)]
 fn add(mut a: Lane, b: Lane) -> Lane {
@@ -124,7 +130,7 @@ fn neg(mut a: Lane) -> Lane {
 
 /// A transform of [`LANES`] blocks at once, in place, from `IN` values a block to `OUT`, for
 /// [`map_columns`]. (A trait, not a closure, and in place: so the compiler inlines it into
-/// the AVX2 copies of the transforms and keeps the values in registers.)
+/// the AVX2 and AVX-512 copies of the transforms and keeps the values in registers.)
 trait Blocks<const N: usize> {
     const IN: usize;
     const OUT: usize;
@@ -315,23 +321,12 @@ fn map_columns<B: Blocks<N>, const N: usize>(rows: &mut [f32], columns: usize) {
 }
 
 /// Defines a method of [`Winograd`] that runs another, `#[inline(always)]` one, compiled for
-/// AVX2 where the CPU has it (this crate is built for baseline x86-64, whose SSE2 vectors are
-/// half as wide). The instructions are the same but for their width, so the results are
-/// too.
-macro_rules! with_avx2 {
+/// the convolution's instruction set ([`dispatch`]; the same results on every path).
+macro_rules! dispatched {
     ($(#[$doc:meta])* fn $name:ident(&self $(, $arg:ident: $ty:ty)*) => $body:ident) => {
         $(#[$doc])*
         fn $name(&self $(, $arg: $ty)*) {
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
-                #[target_feature(enable = "avx2")]
-                fn avx2(this: &Winograd $(, $arg: $ty)*) {
-                    this.$body($($arg),*)
-                }
-                // SAFETY: the CPU has AVX2, checked just above.
-                return unsafe { avx2(self $(, $arg)*) };
-            }
-            self.$body($($arg),*)
+            dispatch!(self.simd, Winograd::$body(this: &Winograd = self $(, $arg: $ty = $arg)*) -> ())
         }
     };
 }
@@ -380,6 +375,8 @@ pub(crate) struct Winograd {
     width: usize,
     out_channels: usize,
     algorithm: Algorithm,
+    precision: ConvPrecision,
+    simd: Simd,
 }
 
 impl Winograd {
@@ -399,12 +396,25 @@ impl Winograd {
             width,
             out_channels,
             algorithm: Algorithm::F2,
+            precision: ConvPrecision::F32,
+            simd: Simd::detect(),
         }
     }
 
     /// This convolution by `algorithm`.
     pub(crate) fn with_algorithm(self, algorithm: Algorithm) -> Self {
         Self { algorithm, ..self }
+    }
+
+    /// This convolution with its products in `precision`.
+    pub(crate) fn with_precision(self, precision: ConvPrecision) -> Self {
+        Self { precision, ..self }
+    }
+
+    /// This convolution with its transforms compiled for `simd` (by default [`Simd::detect`]'s).
+    #[cfg(test)]
+    pub(crate) fn with_simd(self, simd: Simd) -> Self {
+        Self { simd, ..self }
     }
 
     /// The algorithm of its forward.
@@ -520,25 +530,25 @@ impl Winograd {
                         // `channels` (`columns`) values at `p * channels` (`p * columns`) of
                         // each row, inside it.
                         unsafe {
-                            gemm::gemm(
-                                o,
-                                c,
-                                columns,
-                                sums.as_mut_ptr().add(p * c),
-                                1,
-                                (POSITIONS * c) as isize,
+                            matmul::product(
+                                self.precision,
+                                [o, c, columns],
+                                Strided {
+                                    ptr: sums.as_mut_ptr().add(p * c),
+                                    row_stride: (POSITIONS * c) as isize,
+                                    col_stride: 1,
+                                },
                                 true,
-                                z.as_ptr().add(p * columns),
-                                1,
-                                (POSITIONS * columns) as isize,
-                                v.as_ptr().add(p * columns),
-                                (POSITIONS * columns) as isize,
-                                1,
-                                1.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
+                                Strided {
+                                    ptr: z.as_ptr().add(p * columns),
+                                    row_stride: (POSITIONS * columns) as isize,
+                                    col_stride: 1,
+                                },
+                                Strided {
+                                    ptr: v.as_ptr().add(p * columns),
+                                    row_stride: 1,
+                                    col_stride: (POSITIONS * columns) as isize,
+                                },
                                 parallelism,
                             );
                         }
@@ -692,25 +702,25 @@ impl Winograd {
                     // (`channels`) values at `p * columns` (`p * channels`) of each row, inside
                     // it.
                     unsafe {
-                        gemm::gemm(
-                            self.out_channels,
-                            columns,
-                            self.channels,
-                            m.as_mut_ptr().add(p * columns),
-                            1,
-                            (positions * columns) as isize,
+                        matmul::product(
+                            self.precision,
+                            [self.out_channels, columns, self.channels],
+                            Strided {
+                                ptr: m.as_mut_ptr().add(p * columns),
+                                row_stride: (positions * columns) as isize,
+                                col_stride: 1,
+                            },
                             false,
-                            u.as_ptr().add(p * self.channels),
-                            1,
-                            (positions * self.channels) as isize,
-                            v.as_ptr().add(p * columns),
-                            1,
-                            (positions * columns) as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
+                            Strided {
+                                ptr: u.as_ptr().add(p * self.channels),
+                                row_stride: (positions * self.channels) as isize,
+                                col_stride: 1,
+                            },
+                            Strided {
+                                ptr: v.as_ptr().add(p * columns),
+                                row_stride: (positions * columns) as isize,
+                                col_stride: 1,
+                            },
                             parallelism,
                         );
                     }
@@ -742,7 +752,7 @@ impl Winograd {
         out
     }
 
-    with_avx2! {
+    dispatched! {
         /// The transformed input blocks of the images `x`,
         /// `[channels][positions][images * tiles]`: `B^T d B` ([`Self::input_rows_2`],
         /// [`Self::input_rows_4`]).
@@ -901,7 +911,7 @@ impl Winograd {
         }
     }
 
-    with_avx2! {
+    dispatched! {
         /// The transformed output gradients of a panel's images (NCHW),
         /// `[out_channels][16][images * tiles]`: `A dY A^T` of each 2x2 block (zero past the
         /// image's edge), the adjoint of [`Self::transform_output`]. Each block's four pixels
@@ -948,7 +958,7 @@ impl Winograd {
         }
     }
 
-    with_avx2! {
+    dispatched! {
         /// The panel's outputs (NCHW) from the products `m`,
         /// `[out_channels][positions][images * tiles]`: `A^T m A` ([`Self::output_rows_n`]).
         fn transform_output(&self, m: &mut [f32], out: &mut [MaybeUninit<f32>]) => output_rows
@@ -1094,16 +1104,22 @@ mod tests {
         }
     }
 
-    /// The transforms as the CPU runs them (AVX2 where it has it) and compiled for baseline
-    /// x86-64 give the same values bit for bit: only the vectors' width differs. With blocks
-    /// past the last whole eight (`map_columns`' padded lanes) and odd sides.
+    /// The transforms compiled for each instruction set the CPU has and for the baseline
+    /// (called through the dispatch with the baseline forced, and directly) give the same
+    /// values bit for bit: only the vectors' width differs. With blocks past the last whole
+    /// eight (`map_columns`' padded lanes) and odd sides.
     #[test]
     fn transforms_are_the_same_in_every_vector_width() {
         let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         let shapes = [(3, 4, 5, 7), (2, 3, 8, 8), (1, 2, 1, 1), (5, 3, 13, 11)];
-        for ((n, c, h, w), algorithm) in shapes.into_iter().flat_map(|s| ALGORITHMS.map(|a| (s, a)))
-        {
-            let g = Winograd::new(n, c, h, w, c).with_algorithm(algorithm);
+        let cases = shapes
+            .into_iter()
+            .flat_map(|s| ALGORITHMS.map(|a| (s, a)))
+            .flat_map(|case| Simd::available().into_iter().map(move |simd| (case, simd)));
+        for (((n, c, h, w), algorithm), simd) in cases {
+            let g = Winograd::new(n, c, h, w, c)
+                .with_algorithm(algorithm)
+                .with_simd(simd);
             let columns = n * g.tiles();
             let x = values(n * g.image_len(), 1);
             let transformed = values(c * algorithm.positions() * columns, 2);

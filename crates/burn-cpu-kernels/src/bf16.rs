@@ -1,0 +1,460 @@
+//! Matrix products that read their f32 operands as bf16 and accumulate in f32, with
+//! AVX512-BF16's `vdpbf16ps`: what PyTorch's CPU autocast does to a convolution's inputs, at
+//! twice the multiplications a cycle of f32.
+//!
+//! Each operand is rounded to bf16 (to nearest, ties to even) as it is packed, so callers keep
+//! f32 values and the result is `round_bf16(lhs) x round_bf16(rhs)` summed in f32. The layout is
+//! the classic one (Goto and van de Geijn): the left operand packed a block of [`KC`] values of
+//! depth at a time into panels of [`MR`] rows, the right one panel by panel of [`NR`] columns,
+//! each panel used against every row panel while it sits in the L1 cache. Pairs of bf16 along
+//! the depth sit in one 32-bit lane, as `vdpbf16ps` multiplies them: lane `j` of a right panel
+//! holds column `j` at depths `2p` and `2p + 1`, and each left value pair is broadcast.
+
+use std::arch::x86_64::*;
+
+use rayon::prelude::*;
+
+use crate::matmul::Strided;
+
+/// Rows of the left operand a micro-kernel computes: 12 rows of two 16-lane vectors are 24
+/// accumulators, of AVX-512's 32 registers.
+const MR: usize = 12;
+/// Columns a micro-kernel computes: two vectors of 16 f32.
+const NR: usize = 32;
+/// Depth of a packed block, a multiple of 2: a right panel of `KC x NR` bf16 is 16 KiB, half
+/// an L1 data cache.
+const KC: usize = 256;
+
+/// Whether this CPU has the instructions [`product`] needs (AVX512-BF16 with AVX-512 F and
+/// BW).
+pub(crate) fn supported() -> bool {
+    std::arch::is_x86_feature_detected!("avx512bf16")
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+}
+
+/// `x` rounded to bf16 (to nearest, ties to even; NaN stays NaN), as its 16 bits.
+#[inline(always)]
+pub(crate) fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+/// Two bf16 as one lane: `first` in the low half.
+#[inline(always)]
+fn pair(first: f32, second: f32) -> u32 {
+    to_bf16(first) as u32 | (to_bf16(second) as u32) << 16
+}
+
+/// `dst = lhs x rhs` (`dst += lhs x rhs` with `accumulate`) for an `m x k` `lhs` and a
+/// `k x n` `rhs`, both rounded to bf16, accumulated in f32; the columns shared between rayon's
+/// threads with `parallel`.
+///
+/// # Safety
+/// [`supported`] is true; the three views address `m x n`, `m x k` and `k x n` elements of
+/// live memory, `dst` not overlapping the others and, with `accumulate`, initialized.
+#[allow(clippy::too_many_arguments)] // the shape of a strided product, as `gemm::gemm`'s
+pub(crate) unsafe fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: Strided<*mut f32>,
+    accumulate: bool,
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let row_panels = m.div_ceil(MR);
+    let col_panels = n.div_ceil(NR);
+    let mut packed_lhs = vec![0u32; row_panels * MR * KC / 2];
+    let mut packed_rhs = vec![0u32; NR * KC / 2];
+    // `k == 0`: one empty block, which writes zeros where `dst` is not accumulated.
+    for start in (0..k.max(1)).step_by(KC) {
+        let depth = (k - start.min(k)).min(KC);
+        let pairs = depth.div_ceil(2);
+        let load = accumulate || start > 0;
+        // SAFETY: the block's rows and depths are inside `lhs` (by the caller); the CPU has
+        // AVX512-BF16 (by the caller).
+        unsafe { pack_lhs(lhs, m, start, depth, &mut packed_lhs) };
+        let packed_lhs = &packed_lhs[..];
+        let panel = |packed_rhs: &mut Vec<u32>, column_panel: usize| {
+            let first = column_panel * NR;
+            let columns = (n - first).min(NR);
+            // SAFETY: as for the left operand; `dst`'s tiles are inside it, and each column
+            // panel is one thread's.
+            unsafe {
+                pack_rhs(rhs, first, columns, start, depth, packed_rhs);
+                for row_panel in 0..row_panels {
+                    let rows = (m - row_panel * MR).min(MR);
+                    kernel(
+                        pairs,
+                        &packed_lhs[row_panel * MR * pairs..][..MR * pairs],
+                        &packed_rhs[..NR * pairs],
+                        dst,
+                        [row_panel * MR, first],
+                        [rows, columns],
+                        load,
+                    );
+                }
+            }
+        };
+        if parallel && col_panels > 1 {
+            (0..col_panels)
+                .into_par_iter()
+                .for_each_init(|| vec![0u32; NR * KC / 2], panel);
+        } else {
+            (0..col_panels).for_each(|c| panel(&mut packed_rhs, c));
+        }
+    }
+}
+
+/// Packs rows `0..m`, depths `start..start + depth` of `lhs` into panels of [`MR`] rows,
+/// `[panel][pair][row]`, zero past the last row and the last depth.
+///
+/// # Safety
+/// Those elements are inside `lhs`; the CPU has AVX512-BF16.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_lhs(
+    lhs: Strided<*const f32>,
+    m: usize,
+    start: usize,
+    depth: usize,
+    out: &mut [u32],
+) {
+    let pairs = depth.div_ceil(2);
+    for (panel, out) in out[..m.div_ceil(MR) * MR * pairs]
+        .chunks_exact_mut(MR * pairs)
+        .enumerate()
+    {
+        for r in 0..MR {
+            let row = panel * MR + r;
+            if row >= m {
+                (0..pairs).for_each(|p| out[p * MR + r] = 0);
+            } else if lhs.col_stride == 1 {
+                // SAFETY: the row's depths are contiguous and inside `lhs`; the lanes written
+                // are `out[p * MR + r]` for the row's pairs.
+                unsafe {
+                    let row = lhs.ptr.offset(row as isize * lhs.row_stride).add(start);
+                    pack_run(row, depth, out.as_mut_ptr().add(r), MR);
+                }
+            } else {
+                for p in 0..pairs {
+                    let value = |d: usize| {
+                        if d < depth {
+                            // SAFETY: row `row` and depth `start + d` are inside `lhs`.
+                            unsafe { lhs.at(row, start + d) }
+                        } else {
+                            0.0
+                        }
+                    };
+                    out[p * MR + r] = pair(value(2 * p), value(2 * p + 1));
+                }
+            }
+        }
+    }
+}
+
+/// Rounds `len` contiguous values at `src` to bf16 and stores them as pairs, pair `q` at
+/// `out + q * stride` (the last pair's second half 0 for an odd `len`), 32 values at a time
+/// with `vcvtne2ps2bf16`.
+///
+/// # Safety
+/// `src` has `len` readable values and `out + q * stride` is writable for `q < len / 2`
+/// rounded up; the CPU has AVX512-BF16.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_run(src: *const f32, len: usize, out: *mut u32, stride: usize) {
+    for first in (0..len).step_by(32) {
+        let count = (len - first).min(32);
+        let mask = |from: usize| -> __mmask16 {
+            let n = count.saturating_sub(from).min(16);
+            ((1u32 << n) - 1) as __mmask16
+        };
+        let mut lanes = [0u32; 16];
+        // SAFETY: the masks read only the `count` values left; `lanes` is 16 lanes.
+        unsafe {
+            let low = _mm512_maskz_loadu_ps(mask(0), src.add(first));
+            let high = _mm512_maskz_loadu_ps(mask(16), src.add(first + 16));
+            let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(high, low));
+            _mm512_storeu_si512(lanes.as_mut_ptr().cast(), both);
+        }
+        for (q, &lane) in lanes.iter().enumerate().take(count.div_ceil(2)) {
+            // SAFETY: pair `first / 2 + q` is one of the caller's.
+            unsafe { *out.add((first / 2 + q) * stride) = lane };
+        }
+    }
+}
+
+/// Packs columns `first..first + columns`, depths `start..start + depth` of `rhs` into one
+/// panel, `[pair][column]` of [`NR`] columns, zero past the last column and depth. Rows of
+/// contiguous columns are converted 16 at a time with `vcvtne2ps2bf16`.
+///
+/// # Safety
+/// Those elements are inside `rhs`; the CPU has AVX512-BF16.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_rhs(
+    rhs: Strided<*const f32>,
+    first: usize,
+    columns: usize,
+    start: usize,
+    depth: usize,
+    out: &mut [u32],
+) {
+    let pairs = depth.div_ceil(2);
+    let out = &mut out[..NR * pairs];
+    if rhs.col_stride == 1 && columns == NR {
+        // Interleaves two rows' 16 bf16 each: lane j takes (row0[j], row1[j]).
+        let order: [i16; 32] = std::array::from_fn(|i| ((i % 2) * 16 + i / 2) as i16);
+        // SAFETY: `order` is 64 bytes.
+        let order = unsafe { _mm512_loadu_si512(order.as_ptr().cast()) };
+        for p in 0..pairs {
+            for half in 0..2 {
+                let row = |d: usize| {
+                    if d < depth {
+                        // SAFETY: depth `start + d`, columns `first + 16 half ..` + 16 are
+                        // inside `rhs` (the panel is whole), contiguous.
+                        unsafe {
+                            _mm512_loadu_ps(
+                                rhs.ptr
+                                    .offset((start + d) as isize * rhs.row_stride)
+                                    .add(first + 16 * half),
+                            )
+                        }
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                };
+                let both: __m512i =
+                    // SAFETY: same size; bf16 vectors are bits.
+                    unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(row(2 * p + 1), row(2 * p))) };
+                let lanes = _mm512_permutexvar_epi16(order, both);
+                // SAFETY: 16 lanes at `p * NR + 16 half`, inside `out`.
+                unsafe {
+                    _mm512_storeu_si512(out.as_mut_ptr().add(p * NR + 16 * half).cast(), lanes)
+                };
+            }
+        }
+        return;
+    }
+    if rhs.row_stride == 1 {
+        for c in 0..NR {
+            if c < columns {
+                // SAFETY: column `first + c`'s depths are contiguous and inside `rhs`; the
+                // lanes written are `out[p * NR + c]` for its pairs.
+                unsafe {
+                    let column = rhs
+                        .ptr
+                        .offset((first + c) as isize * rhs.col_stride)
+                        .add(start);
+                    pack_run(column, depth, out.as_mut_ptr().add(c), NR);
+                }
+            } else {
+                (0..pairs).for_each(|p| out[p * NR + c] = 0);
+            }
+        }
+        return;
+    }
+    for p in 0..pairs {
+        for c in 0..NR {
+            let value = |d: usize| {
+                if c < columns && d < depth {
+                    // SAFETY: inside `rhs`, checked.
+                    unsafe { rhs.at(start + d, first + c) }
+                } else {
+                    0.0
+                }
+            };
+            out[p * NR + c] = pair(value(2 * p), value(2 * p + 1));
+        }
+    }
+}
+
+/// `dst[at.., ..] (+)= lhs panel x rhs panel` over `pairs` depth pairs, `size` of the tile
+/// inside `dst`: [`MR`] x [`NR`] accumulators in registers.
+///
+/// # Safety
+/// The tile is inside `dst`, initialized where `load`; the CPU has AVX512-BF16.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn kernel(
+    pairs: usize,
+    lhs: &[u32],
+    rhs: &[u32],
+    dst: Strided<*mut f32>,
+    at: [usize; 2],
+    size: [usize; 2],
+    load: bool,
+) {
+    let mut sums = [[_mm512_setzero_ps(); 2]; MR];
+    assert!(
+        lhs.len() >= MR * pairs && rhs.len() >= NR * pairs,
+        "packed panels"
+    );
+    let (lhs, rhs) = (lhs.as_ptr(), rhs.as_ptr());
+    for p in 0..pairs {
+        // SAFETY: `rhs` holds `NR` lanes a pair and `lhs` `MR` (asserted above); bf16
+        // vectors are bits.
+        unsafe {
+            let b = rhs.add(p * NR);
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.cast()));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(16).cast()));
+            let a = lhs.add(p * MR);
+            for (i, sums) in sums.iter_mut().enumerate() {
+                let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(i) as i32));
+                sums[0] = _mm512_dpbf16_ps(sums[0], a, b0);
+                sums[1] = _mm512_dpbf16_ps(sums[1], a, b1);
+            }
+        }
+    }
+    let [rows, columns] = size;
+    let tile = |i: usize, j: usize| {
+        let (i, j) = ((at[0] + i) as isize, (at[1] + j) as isize);
+        // SAFETY: inside `dst` for a tile position (by the caller).
+        unsafe { dst.ptr.offset(i * dst.row_stride + j * dst.col_stride) }
+    };
+    if dst.col_stride == 1 && columns == NR {
+        for (i, sums) in sums.iter().enumerate().take(rows) {
+            for (half, &sum) in sums.iter().enumerate() {
+                let out = tile(i, 16 * half);
+                // SAFETY: 16 contiguous values of row `i` inside the tile.
+                unsafe {
+                    let sum = if load {
+                        _mm512_add_ps(_mm512_loadu_ps(out), sum)
+                    } else {
+                        sum
+                    };
+                    _mm512_storeu_ps(out, sum);
+                }
+            }
+        }
+        return;
+    }
+    for (i, sums) in sums.iter().enumerate().take(rows) {
+        let mut row = [0f32; NR];
+        // SAFETY: 32 values into a 32-value array.
+        unsafe {
+            _mm512_storeu_ps(row.as_mut_ptr(), sums[0]);
+            _mm512_storeu_ps(row.as_mut_ptr().add(16), sums[1]);
+        }
+        for (j, &sum) in row.iter().enumerate().take(columns) {
+            let out = tile(i, j);
+            // SAFETY: inside the tile.
+            unsafe { *out = if load { *out + sum } else { sum } };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919 + seed * 104_729) % 1009) as f32 / 97.0 - 5.0)
+            .collect()
+    }
+
+    fn bf16(x: f32) -> f64 {
+        f32::from_bits((to_bf16(x) as u32) << 16) as f64
+    }
+
+    #[test]
+    fn rounds_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even, 1.
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: to the even one.
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(to_bf16(-2.5), 0xc020);
+        assert!(f32::from_bits((to_bf16(f32::NAN) as u32) << 16).is_nan());
+        assert_eq!(to_bf16(f32::INFINITY), 0x7f80);
+    }
+
+    /// Every shape and layout against the product of the rounded operands in f64: tiles and
+    /// depths with remainders, transposed operands, a column-major `dst`, accumulation, and
+    /// the parallel split.
+    #[test]
+    fn matches_the_product_of_the_rounded_operands() {
+        if !supported() {
+            println!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        for (m, n, k) in [
+            (1, 1, 1),
+            (12, 32, 2),
+            (13, 33, 3),
+            (64, 100, 600),
+            (5, 70, 257),
+        ] {
+            for (transposed, accumulate, parallel) in [
+                (false, false, false),
+                (true, false, true),
+                (false, true, true),
+            ] {
+                let (a, b, start) = (values(m * k, 1), values(k * n, 2), values(m * n, 3));
+                // `transposed`: lhs and rhs column-major, dst column-major.
+                let (lhs, rhs, dst_strides) = if transposed {
+                    (
+                        Strided {
+                            ptr: a.as_ptr(),
+                            row_stride: 1,
+                            col_stride: m as isize,
+                        },
+                        Strided {
+                            ptr: b.as_ptr(),
+                            row_stride: 1,
+                            col_stride: k as isize,
+                        },
+                        (1, m as isize),
+                    )
+                } else {
+                    (
+                        Strided {
+                            ptr: a.as_ptr(),
+                            row_stride: k as isize,
+                            col_stride: 1,
+                        },
+                        Strided {
+                            ptr: b.as_ptr(),
+                            row_stride: n as isize,
+                            col_stride: 1,
+                        },
+                        (n as isize, 1),
+                    )
+                };
+                let mut out = start.clone();
+                let dst = Strided {
+                    ptr: out.as_mut_ptr(),
+                    row_stride: dst_strides.0,
+                    col_stride: dst_strides.1,
+                };
+                // SAFETY: the views address the vectors above, with the shapes given.
+                unsafe { product(m, n, k, dst, accumulate, lhs, rhs, parallel) };
+                for i in 0..m {
+                    for j in 0..n {
+                        // SAFETY: inside the operands.
+                        let exact: f64 = (0..k)
+                            .map(|d| unsafe { bf16(lhs.at(i, d)) * bf16(rhs.at(d, j)) })
+                            .sum();
+                        let at = (i as isize * dst_strides.0 + j as isize * dst_strides.1) as usize;
+                        let expected = exact + if accumulate { start[at] as f64 } else { 0.0 };
+                        let scale = (0..k)
+                            .map(|d| unsafe { (bf16(lhs.at(i, d)) * bf16(rhs.at(d, j))).abs() })
+                            .sum::<f64>()
+                            + start[at].abs() as f64;
+                        let error = (out[at] as f64 - expected).abs();
+                        assert!(
+                            error <= 1e-6 * scale.max(1.0),
+                            "{m}x{n}x{k} ({transposed}, {accumulate}, {parallel}) at ({i}, {j}): {} vs {expected}",
+                            out[at]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
