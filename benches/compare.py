@@ -7,6 +7,11 @@ images/s for each case and backend with the ratio Burn / PyTorch.
     python3 benches/compare.py --backends wgpu --torch-device cuda --bench-binary PATH
     python3 benches/compare.py --backends flex --precision bf16
 
+With --bench layers, also a ResNet-18 training step layer by layer: each convolution with its
+BatchNorm and ReLU, forward and backward, times how often the network has it, in milliseconds
+per step, beside the whole step (the resnet bench's train_step/resnet18_cifar, run too) and
+what the layers leave (pooling, the classifier, the loss, the additions, the update).
+
 With --bench-binary, a bench built elsewhere (`cargo bench --bench resnet --no-run` prints its
 path) runs without cargo, e.g. on a GPU machine; criterion then writes under $CRITERION_HOME
 (default ./criterion-results).
@@ -46,6 +51,7 @@ LAYERS = [
     "maxpool3x3_s2_64_32px",
     "conv3x3_64_32px_forward_backward",
 ]
+STEP_CASE = "train_step/resnet18_cifar"
 LAYER_BATCH = 64
 
 
@@ -68,6 +74,44 @@ def target_dir():
     return pathlib.Path(json.loads(out)["target_directory"])
 
 
+def median_seconds(criterion, case, id):
+    """criterion's median time per iteration of `case` (group/name) under `id`, or None."""
+    estimates = criterion / case / id / "new" / "estimates.json"
+    if not estimates.exists():
+        return None
+    return json.loads(estimates.read_text())["median"]["point_estimate"] / 1e9
+
+
+def step_table(criterion, backend, suffix, torch_results, counts):
+    """A ResNet-18 training step layer by layer, in milliseconds per step, as Markdown rows."""
+    rows = [
+        f"| layer (conv, BN, ReLU; forward and backward) | count | {backend}{suffix} ms | PyTorch ms | Burn / PyTorch | {backend}{suffix} ms per step | PyTorch ms per step |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    totals = [0.0, 0.0]
+    for name, count in counts.items():
+        burn = median_seconds(criterion, f"train_layer/{name}", backend + suffix)
+        images_per_s = torch_results["cases"].get(f"train_layer/{name}")
+        if burn is None or not images_per_s:
+            return []
+        torch_s = LAYER_BATCH / images_per_s
+        totals[0] += burn * count
+        totals[1] += torch_s * count
+        rows.append(f"| {name} | {count} | {burn * 1e3:.1f} | {torch_s * 1e3:.1f} | {torch_s / burn:.2f}x "
+                    f"| {burn * count * 1e3:.1f} | {torch_s * count * 1e3:.1f} |")
+    rows.append(f"| all convolution layers | | | | {totals[1] / totals[0]:.2f}x | {totals[0] * 1e3:.1f} | {totals[1] * 1e3:.1f} |")
+    burn_step = median_seconds(criterion, STEP_CASE, backend + suffix)
+    torch_step = torch_results["cases"].get(STEP_CASE)
+    if burn_step is not None and torch_step:
+        torch_step = BATCH[STEP_CASE] / torch_step
+        rows.append(f"| the rest (pooling, classifier, loss, additions, update) | | | | "
+                    f"{(torch_step - totals[1]) / (burn_step - totals[0]):.2f}x "
+                    f"| {(burn_step - totals[0]) * 1e3:.1f} | {(torch_step - totals[1]) * 1e3:.1f} |")
+        rows.append(f"| whole step (train_step/resnet18_cifar) | | | | {torch_step / burn_step:.2f}x "
+                    f"| {burn_step * 1e3:.1f} | {torch_step * 1e3:.1f} |")
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bench", default="resnet", choices=["resnet", "layers"])
@@ -88,13 +132,19 @@ def main():
         cases = args.cases.split(",")
     backends = args.backends.split(",")
     env = dict(os.environ, BENCH_BACKENDS=args.backends, BENCH_PRECISION=args.precision)
-    filter_regex = "(" + "|".join(cases) + ")/(" + "|".join(backends) + ")" + suffix + "$"
+    on = "/(" + "|".join(backends) + ")" + suffix + "$"
+    # The forward layers in f32 only, the layers of the step in the model's precision.
+    filter_regex = "(" + "|".join(cases) + ")" + on
+    if layers:
+        filter_regex = "(layer/(" + "|".join(cases) + ")/(" + "|".join(backends) + ")$|train_layer/.*" + on + ")"
     if args.bench_binary:
         criterion = pathlib.Path(env.setdefault("CRITERION_HOME", str(pathlib.Path("criterion-results").resolve())))
         subprocess.run([args.bench_binary, "--bench", filter_regex], env=env, check=True)
     else:
         criterion = target_dir() / "criterion"
         subprocess.run(["cargo", "bench", "--bench", args.bench, "--", filter_regex], cwd=ROOT, env=env, check=True)
+        if layers:
+            subprocess.run(["cargo", "bench", "--bench", "resnet", "--", STEP_CASE + on], cwd=ROOT, env=env, check=True)
 
     torch_json = pathlib.Path("target-pytorch.json").resolve()
     layouts = [[], ["--channels-last"]] if mixed else [[]]
@@ -102,13 +152,17 @@ def main():
     for layout in layouts:
         subprocess.run(
             [sys.executable, str(ROOT / "benches/pytorch_reference.py"), "--device", args.torch_device,
-             "--json", str(torch_json), "--cases", ",".join(cases), "--precision", args.precision]
+             "--json", str(torch_json), "--cases", "resnet18_cifar" if layers else ",".join(cases),
+             "--precision", args.precision]
             + layout + (["--layers"] if layers else []),
             cwd=ROOT, check=True,
         )
         torch_runs.append(json.loads(torch_json.read_text()))
         torch_json.unlink()
     torch_results = torch_runs[0]
+    # The faster layout for each case; for the layers of the step, the layout of the faster
+    # whole step, so that the layers add up to it.
+    step_layout = max(torch_runs, key=lambda run: run["cases"].get(STEP_CASE, 0.0))
     for run in torch_runs[1:]:
         for case, value in run["cases"].items():
             torch_results["cases"][case] = max(value, torch_results["cases"].get(case, 0.0))
@@ -129,6 +183,12 @@ def main():
             ratio = f"{burn / reference:.2f}x" if reference else "-"
             torch_figure = f"{reference:.1f}" if reference else "-"
             rows.append(f"| {case} | {backend}{suffix} | {burn:.1f} | {torch_figure} | {ratio} |")
+    if layers:
+        for case, value in step_layout["cases"].items():
+            if case.startswith("train_layer/"):
+                torch_results["cases"][case] = value
+        for backend in backends:
+            rows += [""] + step_table(criterion, backend, suffix, torch_results, step_layout.get("step", {}))
     table = "\n".join(rows)
     precision = f", autocast {args.precision} (faster of NCHW and channels_last)" if mixed else ""
     print(f"\nPyTorch {torch_results['torch']} on {torch_results['device']}, {torch_results['threads']} threads{precision}; CPU: {cpu_model()}\n")

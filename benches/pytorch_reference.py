@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""The cases of benches/resnet.rs (or, with --layers, benches/layers.rs) in PyTorch, with
-the same shapes, in images per second.
+"""The cases of benches/resnet.rs (with --layers, also those of benches/layers.rs) in
+PyTorch, with the same shapes, in images per second.
 
     python3 benches/pytorch_reference.py [--layers] [--device cpu|cuda] [--threads N] [--json out.json]
 
 Inference: model.eval() under torch.no_grad(). Training step: forward, cross-entropy,
-backward, SGD update. Layers: forward under torch.no_grad(), and forward plus backward of
-the first stage's convolution. fp32 (TF32 off on CUDA), or with --precision bf16 / f16 under
+backward, SGD update. Layers: forward under torch.no_grad(), forward plus backward of
+the first stage's convolution, and each convolution of ResNet-18's training step with its
+BatchNorm (train mode) and ReLU, forward plus backward of the sum. fp32 (TF32 off on CUDA), or with --precision bf16 / f16 under
 `torch.autocast` (the model's parameters f32), NCHW or with --channels-last. The median of the timed steps is
 reported, after warm-up steps, syncing the device inside each timed step as the Rust
 benches do.
@@ -40,8 +41,24 @@ CONVS = [
     ("conv1x1_s2_64_32px", 64, 128, 1, 2, 32),
 ]
 
+# The convolutions of the CIFAR-stem ResNet-18, each with BatchNorm and ReLU: the cases above
+# plus how many the network has (as STEP in benches/layers.rs).
+STEP = [
+    ("stem_conv3x3_3_32px", 3, 64, 3, 1, 32, 1),
+    ("conv3x3_64_32px", 64, 64, 3, 1, 32, 4),
+    ("conv3x3_s2_64_32px", 64, 128, 3, 2, 32, 1),
+    ("conv1x1_s2_64_32px", 64, 128, 1, 2, 32, 1),
+    ("conv3x3_128_16px", 128, 128, 3, 1, 16, 3),
+    ("conv3x3_s2_128_16px", 128, 256, 3, 2, 16, 1),
+    ("conv1x1_s2_128_16px", 128, 256, 1, 2, 16, 1),
+    ("conv3x3_256_8px", 256, 256, 3, 1, 8, 3),
+    ("conv3x3_s2_256_8px", 256, 512, 3, 2, 8, 1),
+    ("conv1x1_s2_256_8px", 256, 512, 1, 2, 8, 1),
+    ("conv3x3_512_4px", 512, 512, 3, 1, 4, 3),
+]
 
-def layer_cases(device, seconds):
+
+def layer_cases(device, seconds, autocast, layout):
     """images/s of each layer case of benches/layers.rs."""
     results = {}
 
@@ -73,6 +90,25 @@ def layer_cases(device, seconds):
         conv(x).sum().backward()
 
     measure("conv3x3_64_32px_forward_backward", forward_backward)
+
+    for name, channels, out, kernel, stride, side, _ in STEP:
+        unit = nn.Sequential(
+            nn.Conv2d(channels, out, kernel, stride, kernel // 2, bias=False),
+            nn.BatchNorm2d(out),
+            nn.ReLU(),
+        ).to(device, memory_format=layout).train()
+        x = torch.randn(LAYER_BATCH, channels, side, side, device=device).to(memory_format=layout)
+        x.requires_grad_(channels != 3)
+
+        def train_layer(unit=unit, x=x):
+            x.grad = None
+            unit.zero_grad(set_to_none=True)
+            with autocast:
+                y = unit(x)
+            y.float().sum().backward()
+
+        results[f"train_layer/{name}"] = LAYER_BATCH / timed(train_layer, device, seconds)
+        print(f"pytorch train_layer/{name}: {results[f'train_layer/{name}']:.1f} images/s", flush=True)
     return results
 
 
@@ -133,9 +169,10 @@ def main():
         "cases": {},
     }
     if args.layers:
-        results["cases"] = layer_cases(device, args.seconds)
+        results["cases"] = layer_cases(device, args.seconds, autocast, layout)
+        results["step"] = {name: count for name, *_, count in STEP}
     for name, build, size, infer_batch, train_batch in CASES:
-        if args.layers or (args.cases and name not in args.cases.split(",")):
+        if args.cases and name not in args.cases.split(","):
             continue
         model = build().to(device, memory_format=layout)
         classes = model.fc.out_features
