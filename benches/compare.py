@@ -6,6 +6,7 @@ images/s for each case and backend with the ratio Burn / PyTorch.
     python3 benches/compare.py --bench layers [--backends flex]
     python3 benches/compare.py --backends wgpu --torch-device cuda --bench-binary PATH
     python3 benches/compare.py --backends flex --precision bf16
+    python3 benches/compare.py --backends flex --threads 1
 
 With --bench layers, also a ResNet-18 training step layer by layer: each convolution with its
 BatchNorm and ReLU, forward and backward, times how often the network has it, in milliseconds
@@ -21,7 +22,9 @@ back from
 target/criterion/*/new/estimates.json (median time per iteration); PyTorch's from
 benches/pytorch_reference.py with the same threads. With --precision bf16 (or f16) the model
 runs in that precision (BENCH_PRECISION) and PyTorch under torch.autocast, in NCHW and in
-channels_last: the faster of the two is the reference. Writes the table as Markdown too.
+channels_last: the faster of the two is the reference. --threads N gives both N threads (rayon's
+RAYON_NUM_THREADS, torch.set_num_threads); by default each takes every core. Writes the table
+as Markdown too.
 """
 import argparse
 import json
@@ -121,6 +124,7 @@ def main():
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     parser.add_argument("--bench-binary", default=None, help="a prebuilt criterion bench to run instead of cargo bench")
     parser.add_argument("--precision", default="f32", choices=["f32", "bf16", "f16"])
+    parser.add_argument("--threads", type=int, default=None, help="threads for both (default: every core)")
     args = parser.parse_args()
     mixed = args.precision != "f32"
     suffix = f"-{args.precision}" if mixed else ""
@@ -132,6 +136,9 @@ def main():
         cases = args.cases.split(",")
     backends = args.backends.split(",")
     env = dict(os.environ, BENCH_BACKENDS=args.backends, BENCH_PRECISION=args.precision)
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    if args.threads:
+        env["RAYON_NUM_THREADS"] = str(args.threads)
     on = "/(" + "|".join(backends) + ")" + suffix + "$"
     # The forward layers in f32 only, the layers of the step in the model's precision.
     filter_regex = "(" + "|".join(cases) + ")" + on
@@ -154,7 +161,7 @@ def main():
             [sys.executable, str(ROOT / "benches/pytorch_reference.py"), "--device", args.torch_device,
              "--json", str(torch_json), "--cases", "resnet18_cifar" if layers else ",".join(cases),
              "--precision", args.precision]
-            + layout + (["--layers"] if layers else []),
+            + layout + threads + (["--layers"] if layers else []),
             cwd=ROOT, check=True,
         )
         torch_runs.append(json.loads(torch_json.read_text()))
