@@ -11,6 +11,7 @@
 //! holds column `j` at depths `2p` and `2p + 1`, and each left value pair is broadcast.
 
 use std::arch::x86_64::*;
+use std::cell::RefCell;
 
 use rayon::prelude::*;
 
@@ -71,8 +72,48 @@ pub(crate) unsafe fn product(
         return;
     }
     let row_panels = m.div_ceil(MR);
+    PACKED_LHS.with(|buffer| {
+        // Taken while rayon lends this thread to another product inside this one's parallel
+        // loop: that product packs into its own.
+        let mut own = Vec::new();
+        let mut lent = buffer.try_borrow_mut();
+        let packed_lhs = lent.as_deref_mut().unwrap_or(&mut own);
+        // Every lane is packed before it is read.
+        let len = row_panels * MR * KC / 2;
+        if packed_lhs.len() < len {
+            packed_lhs.resize(len, 0);
+        }
+        let packed_lhs = &mut packed_lhs[..len];
+        // SAFETY: the caller's.
+        unsafe { product_with(m, n, k, dst, accumulate, lhs, rhs, parallel, packed_lhs) }
+    })
+}
+
+thread_local! {
+    /// [`product`]'s packed left operand, reused between products (a convolution makes
+    /// dozens of them, one per Winograd position).
+    static PACKED_LHS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// [`product`], the left operand packed into `packed_lhs` (of `m.div_ceil(MR) * MR * KC / 2`
+/// lanes).
+///
+/// # Safety
+/// As [`product`].
+#[allow(clippy::too_many_arguments)] // `product`'s, and its buffer
+unsafe fn product_with(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: Strided<*mut f32>,
+    accumulate: bool,
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
+    parallel: bool,
+    packed_lhs: &mut [u32],
+) {
+    let row_panels = m.div_ceil(MR);
     let col_panels = n.div_ceil(NR);
-    let mut packed_lhs = vec![0u32; row_panels * MR * KC / 2];
     let mut packed_rhs = vec![0u32; NR * KC / 2];
     // `k == 0`: one empty block, which writes zeros where `dst` is not accumulated.
     for start in (0..k.max(1)).step_by(KC) {
@@ -81,7 +122,7 @@ pub(crate) unsafe fn product(
         let load = accumulate || start > 0;
         // SAFETY: the block's rows and depths are inside `lhs` (by the caller); the CPU has
         // AVX512-BF16 (by the caller).
-        unsafe { pack_lhs(lhs, m, start, depth, &mut packed_lhs) };
+        unsafe { pack_lhs(lhs, m, start, depth, packed_lhs) };
         let packed_lhs = &packed_lhs[..];
         let panel = |packed_rhs: &mut Vec<u32>, column_panel: usize| {
             let first = column_panel * NR;
