@@ -37,9 +37,10 @@
 //!
 //! ## How
 //! Each image's convolution is one matrix product (im2col, built from NCHW rows with plain
-//! copies, times the weight as it is) with the `gemm` crate that flex uses too, images in
-//! parallel on rayon's pool; the backward is the two transposed products and col2im, several
-//! small images side by side. A 3x3 convolution of stride 1 and padding 1 with enough channels
+//! copies, times the weight as it is) with the `gemm` crate that flex uses too (its AVX-512
+//! kernels built, chosen at run time where the CPU has them), images in parallel on rayon's
+//! pool; the backward is the two transposed products and col2im, several small images side by
+//! side. A 3x3 convolution of stride 1 and padding 1 with enough channels
 //! and pixels goes through Winograd's minimal filtering instead, forward and backward:
 //! F(2x2, 3x3), which takes 2.25 times fewer multiplications, and on images of 8x8 or more
 //! F(4x4, 3x3) in the forward and the input's gradient, 4 times fewer.
