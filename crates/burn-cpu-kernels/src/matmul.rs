@@ -87,8 +87,10 @@ pub(crate) unsafe fn product(
             Ok(buffer) => buffer,
             Err(_) => &mut own,
         };
-        buffer.clear();
-        buffer.resize(rows * cols, 0.0);
+        // Every element is written by the copy before gemm reads it.
+        if buffer.len() < rows * cols {
+            buffer.resize(rows * cols, 0.0);
+        }
         let ptr = buffer.as_mut_ptr();
         // Row-major `rhs`, or column-major `lhs`.
         let (row_stride, col_stride) = if row_major_dst {
