@@ -392,12 +392,7 @@ unsafe fn kernel(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(len: usize, seed: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i * 7919 + seed * 104_729) % 1009) as f32 / 97.0 - 5.0)
-            .collect()
-    }
+    use crate::testing::values;
 
     fn bf16(x: f32) -> f64 {
         f32::from_bits((to_bf16(x) as u32) << 16) as f64

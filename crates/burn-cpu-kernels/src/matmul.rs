@@ -330,12 +330,7 @@ unsafe fn gemm_f32(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(len: usize, seed: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i * 7919 + seed * 104_729) % 1009) as f32 / 97.0 - 5.0)
-            .collect()
-    }
+    use crate::testing::values;
 
     /// Strides of a `rows x cols` matrix, row- or column-major.
     fn strides(rows: usize, cols: usize, row_major: bool) -> (isize, isize) {

@@ -15,6 +15,14 @@ pub(crate) fn host_devices() -> Vec<Device> {
     ])
 }
 
+/// `len` values spread over [-5, 5.4] in a fixed order that `seed` shifts: operands of the
+/// matrix-product tests.
+pub(crate) fn values(len: usize, seed: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 7919 + seed * 104_729) % 1009) as f32 / 97.0 - 5.0)
+        .collect()
+}
+
 /// The largest difference between two tensors, relative to the largest magnitude of the
 /// second.
 pub(crate) fn relative_difference<const D: usize>(got: Tensor<D>, expected: Tensor<D>) -> f32 {
