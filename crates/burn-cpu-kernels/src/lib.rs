@@ -343,6 +343,11 @@ fn fused(
 /// mean and its *unbiased* variance, as PyTorch's do (Burn's module takes the biased one). On
 /// an accelerated device the training pass is this crate's kernel, with its own backward step.
 /// In inference it is Burn's module, with the running statistics.
+// Without a CPU backend the kernel's result is a literal `None`.
+#[cfg_attr(
+    not(any(feature = "flex", feature = "ndarray")),
+    allow(clippy::unnecessary_literal_unwrap)
+)]
 pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
     if !(x.device().is_autodiff() && bn.training.is_enabled()) {
         return bn.forward(x);
