@@ -15,7 +15,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::matmul::Strided;
+use crate::matmul::{Strided, with_scratch};
 
 /// Rows of the left operand a micro-kernel computes: 12 rows of two 16-lane vectors are 24
 /// accumulators, of AVX-512's 32 registers.
@@ -72,20 +72,47 @@ pub(crate) unsafe fn product(
         return;
     }
     let row_panels = m.div_ceil(MR);
-    PACKED_LHS.with(|buffer| {
-        // Taken while rayon lends this thread to another product inside this one's parallel
-        // loop: that product packs into its own.
-        let mut own = Vec::new();
-        let mut lent = buffer.try_borrow_mut();
-        let packed_lhs = lent.as_deref_mut().unwrap_or(&mut own);
-        // Every lane is packed before it is read.
-        let len = row_panels * MR * KC / 2;
-        if packed_lhs.len() < len {
-            packed_lhs.resize(len, 0);
+    with_scratch(&PACKED_LHS, row_panels * MR * KC / 2, |packed_lhs| {
+        let col_panels = n.div_ceil(NR);
+        let mut packed_rhs = vec![0u32; NR * KC / 2];
+        // `k == 0`: one empty block, which writes zeros where `dst` is not accumulated.
+        for start in (0..k.max(1)).step_by(KC) {
+            let depth = (k - start.min(k)).min(KC);
+            let pairs = depth.div_ceil(2);
+            let load = accumulate || start > 0;
+            // SAFETY: the block's rows and depths are inside `lhs` (by the caller); the CPU has
+            // AVX512-BF16 (by the caller).
+            unsafe { pack_lhs(lhs, m, start, depth, packed_lhs) };
+            let packed_lhs = &packed_lhs[..];
+            let panel = |packed_rhs: &mut Vec<u32>, column_panel: usize| {
+                let first = column_panel * NR;
+                let columns = (n - first).min(NR);
+                // SAFETY: as for the left operand; `dst`'s tiles are inside it, and each column
+                // panel is one thread's.
+                unsafe {
+                    pack_rhs(rhs, first, columns, start, depth, packed_rhs);
+                    for row_panel in 0..row_panels {
+                        let rows = (m - row_panel * MR).min(MR);
+                        kernel(
+                            pairs,
+                            &packed_lhs[row_panel * MR * pairs..][..MR * pairs],
+                            &packed_rhs[..NR * pairs],
+                            dst,
+                            [row_panel * MR, first],
+                            [rows, columns],
+                            load,
+                        );
+                    }
+                }
+            };
+            if parallel && col_panels > 1 {
+                (0..col_panels)
+                    .into_par_iter()
+                    .for_each_init(|| vec![0u32; NR * KC / 2], panel);
+            } else {
+                (0..col_panels).for_each(|c| panel(&mut packed_rhs, c));
+            }
         }
-        let packed_lhs = &mut packed_lhs[..len];
-        // SAFETY: the caller's.
-        unsafe { product_with(m, n, k, dst, accumulate, lhs, rhs, parallel, packed_lhs) }
     })
 }
 
@@ -93,66 +120,6 @@ thread_local! {
     /// [`product`]'s packed left operand, reused between products (a convolution makes
     /// dozens of them, one per Winograd position).
     static PACKED_LHS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// [`product`], the left operand packed into `packed_lhs` (of `m.div_ceil(MR) * MR * KC / 2`
-/// lanes).
-///
-/// # Safety
-/// As [`product`].
-#[allow(clippy::too_many_arguments)] // `product`'s, and its buffer
-unsafe fn product_with(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: Strided<*mut f32>,
-    accumulate: bool,
-    lhs: Strided<*const f32>,
-    rhs: Strided<*const f32>,
-    parallel: bool,
-    packed_lhs: &mut [u32],
-) {
-    let row_panels = m.div_ceil(MR);
-    let col_panels = n.div_ceil(NR);
-    let mut packed_rhs = vec![0u32; NR * KC / 2];
-    // `k == 0`: one empty block, which writes zeros where `dst` is not accumulated.
-    for start in (0..k.max(1)).step_by(KC) {
-        let depth = (k - start.min(k)).min(KC);
-        let pairs = depth.div_ceil(2);
-        let load = accumulate || start > 0;
-        // SAFETY: the block's rows and depths are inside `lhs` (by the caller); the CPU has
-        // AVX512-BF16 (by the caller).
-        unsafe { pack_lhs(lhs, m, start, depth, packed_lhs) };
-        let packed_lhs = &packed_lhs[..];
-        let panel = |packed_rhs: &mut Vec<u32>, column_panel: usize| {
-            let first = column_panel * NR;
-            let columns = (n - first).min(NR);
-            // SAFETY: as for the left operand; `dst`'s tiles are inside it, and each column
-            // panel is one thread's.
-            unsafe {
-                pack_rhs(rhs, first, columns, start, depth, packed_rhs);
-                for row_panel in 0..row_panels {
-                    let rows = (m - row_panel * MR).min(MR);
-                    kernel(
-                        pairs,
-                        &packed_lhs[row_panel * MR * pairs..][..MR * pairs],
-                        &packed_rhs[..NR * pairs],
-                        dst,
-                        [row_panel * MR, first],
-                        [rows, columns],
-                        load,
-                    );
-                }
-            }
-        };
-        if parallel && col_panels > 1 {
-            (0..col_panels)
-                .into_par_iter()
-                .for_each_init(|| vec![0u32; NR * KC / 2], panel);
-        } else {
-            (0..col_panels).for_each(|c| panel(&mut packed_rhs, c));
-        }
-    }
 }
 
 /// Packs rows `0..m`, depths `start..start + depth` of `lhs` into panels of [`MR`] rows,

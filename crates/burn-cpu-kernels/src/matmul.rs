@@ -2,6 +2,7 @@
 //! crate, or bf16 operands with f32 sums by [`crate::bf16`] where the CPU has AVX512-BF16.
 
 use std::cell::RefCell;
+use std::thread::LocalKey;
 
 use crate::ConvPrecision;
 
@@ -78,20 +79,9 @@ pub(crate) unsafe fn product(
         // SAFETY: the caller's views.
         return unsafe { gemm_f32([m, n, k], dst, accumulate, lhs, rhs, parallelism) };
     }
-    RELAID.with(|buffer| {
-        // A product runs inside another's parallel loop when rayon lends this thread to it;
-        // the buffer is then in use, and that product copies into its own.
-        let mut own = Vec::new();
-        let mut lent = buffer.try_borrow_mut();
-        let buffer = match lent.as_deref_mut() {
-            Ok(buffer) => buffer,
-            Err(_) => &mut own,
-        };
-        // Every element is written by the copy before gemm reads it.
-        if buffer.len() < rows * cols {
-            buffer.resize(rows * cols, 0.0);
-        }
-        let ptr = buffer.as_mut_ptr();
+    // SAFETY (of the closure): `packed` addresses `rows x cols` elements (the caller's);
+    // `buffer` holds as many at `relaid`'s strides, and lives for the product.
+    with_scratch(&RELAID, rows * cols, |buffer| unsafe {
         // Row-major `rhs`, or column-major `lhs`.
         let (row_stride, col_stride) = if row_major_dst {
             (cols as isize, 1)
@@ -99,21 +89,23 @@ pub(crate) unsafe fn product(
             (1, rows as isize)
         };
         let relaid = Strided {
-            ptr: ptr.cast_const(),
+            ptr: buffer.as_mut_ptr(),
             row_stride,
             col_stride,
         };
         let parallel = matches!(parallelism, gemm::Parallelism::Rayon(_));
-        // SAFETY: `packed` addresses `rows x cols` elements (the caller's); `buffer` holds as
-        // many at `relaid`'s strides.
-        unsafe { relayout(packed, [rows, cols], ptr, relaid, parallel) };
+        relayout(packed, [rows, cols], relaid, parallel);
+        let relaid = Strided {
+            ptr: relaid.ptr.cast_const(),
+            row_stride,
+            col_stride,
+        };
         let (lhs, rhs) = if row_major_dst {
             (lhs, relaid)
         } else {
             (relaid, rhs)
         };
-        // SAFETY: the caller's views, and `relaid` in `buffer`, alive for the call.
-        unsafe { gemm_f32([m, n, k], dst, accumulate, lhs, rhs, parallelism) }
+        gemm_f32([m, n, k], dst, accumulate, lhs, rhs, parallelism)
     })
 }
 
@@ -122,40 +114,52 @@ thread_local! {
     static RELAID: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `src`'s `rows x cols` elements into `dst` at `layout`'s strides (one of them 1, the other
-/// positive), split between threads with `parallel`. A source contiguous along the other
-/// dimension is transposed in 8 x 8 blocks (with AVX where the CPU has it), any other copied
-/// element by element in 8 x 8 tiles.
+/// `f` given this thread's buffer in `key`, grown to at least `len` elements (not cleared:
+/// `f` writes what it reads). A product runs inside another's parallel loop when rayon lends
+/// this thread to it; the buffer is then in use, and `f` gets a fresh one.
+pub(crate) fn with_scratch<T: Copy + Default + 'static, R>(
+    key: &'static LocalKey<RefCell<Vec<T>>>,
+    len: usize,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> R {
+    key.with(|buffer| {
+        let mut own = Vec::new();
+        let mut lent = buffer.try_borrow_mut();
+        let buffer = lent.as_deref_mut().unwrap_or(&mut own);
+        if buffer.len() < len {
+            buffer.resize(len, T::default());
+        }
+        f(&mut buffer[..len])
+    })
+}
+
+/// `src`'s `rows x cols` elements into `dst`, whose strides are 1 and a positive one, split
+/// between threads with `parallel`. A source contiguous along the other dimension is
+/// transposed in 8 x 8 blocks (with AVX where the CPU has it), any other copied element by
+/// element.
 ///
 /// # Safety
-/// `src` addresses `rows x cols` live elements; `dst` has room for every element at
-/// `layout`'s strides and overlaps nothing `src` addresses.
+/// `src` addresses `rows x cols` live elements; `dst` has room for every element at its
+/// strides and overlaps nothing `src` addresses.
 unsafe fn relayout(
     src: Strided<*const f32>,
     [rows, cols]: [usize; 2],
-    dst: *mut f32,
-    layout: Strided<*const f32>,
+    dst: Strided<*mut f32>,
     parallel: bool,
 ) {
     // As the transpose of an `a x b` matrix whose rows are contiguous, `src_stride` apart,
     // into `b` rows of `a`, `dst_stride` apart.
-    let transpose = if src.col_stride == 1 && layout.row_stride == 1 && src.row_stride > 0 {
-        Some((rows, src.row_stride as usize, layout.col_stride as usize))
-    } else if src.row_stride == 1 && layout.col_stride == 1 && src.col_stride > 0 {
-        Some((cols, src.col_stride as usize, layout.row_stride as usize))
+    let transpose = if src.col_stride == 1 && dst.row_stride == 1 && src.row_stride > 0 {
+        Some((rows, cols, src.row_stride as usize, dst.col_stride as usize))
+    } else if src.row_stride == 1 && dst.col_stride == 1 && src.col_stride > 0 {
+        Some((cols, rows, src.col_stride as usize, dst.row_stride as usize))
     } else {
         None
-    };
-    let b = if src.col_stride == 1 { cols } else { rows };
-    let dst = Strided {
-        ptr: dst,
-        row_stride: layout.row_stride,
-        col_stride: layout.col_stride,
     };
     // Runs of rows of `src` (of the `a x b` matrix, transposing), one a thread.
     let run = |first: usize, last: usize| match transpose {
         // SAFETY: the caller's matrices, `first..last` inside `a`.
-        Some((_, src_stride, dst_stride)) => unsafe {
+        Some((_, b, src_stride, dst_stride)) => unsafe {
             transpose_rows(src.ptr, src_stride, dst.ptr, dst_stride, b, first..last)
         },
         // SAFETY: the caller's matrices, `first..last` inside `rows`.
