@@ -41,6 +41,10 @@ const PANEL_PIXELS: usize = 1024;
 /// the products are parallel).
 const GRADIENT_PIXELS_PER_THREAD: usize = 512;
 
+/// Transformed values the input transform fills before transforming them: 256 KiB, within
+/// a core's L2 cache.
+const GROUP_VALUES: usize = 1 << 16;
+
 /// Positions of a transformed block of F(2x2, 3x3): 4x4.
 const POSITIONS: usize = 16;
 
@@ -128,86 +132,6 @@ fn neg(mut a: Lane) -> Lane {
     a
 }
 
-/// A transform of [`LANES`] blocks at once, in place, from `IN` values a block to `OUT`, for
-/// [`map_columns`]. (A trait, not a closure, and in place: so the compiler inlines it into
-/// the AVX2 and AVX-512 copies of the transforms and keeps the values in registers.)
-trait Blocks<const N: usize> {
-    const IN: usize;
-    const OUT: usize;
-    fn blocks(values: &mut [Lane; N]);
-}
-
-/// `t B`, given `t = B^T d` (`t[4 k + s]`: row `k`, column `s`); `B^T` in
-/// [`Winograd::transform_input`].
-struct InputColumns;
-
-impl Blocks<POSITIONS> for InputColumns {
-    const IN: usize = POSITIONS;
-    const OUT: usize = POSITIONS;
-
-    #[inline(always)]
-    fn blocks(values: &mut [Lane; POSITIONS]) {
-        for row in values.chunks_exact_mut(4) {
-            let [t0, t1, t2, t3] = [row[0], row[1], row[2], row[3]];
-            row[0] = sub(t0, t2);
-            row[1] = add(t1, t2);
-            row[2] = sub(t2, t1);
-            row[3] = sub(t1, t3);
-        }
-    }
-}
-
-/// `A^T m A`: the four pixels of each 2x2 output block, top left, top right, bottom left,
-/// bottom right.
-struct OutputColumns;
-
-impl Blocks<POSITIONS> for OutputColumns {
-    const IN: usize = POSITIONS;
-    const OUT: usize = 4;
-
-    #[inline(always)]
-    fn blocks(m: &mut [Lane; POSITIONS]) {
-        // A^T m: two rows of four; then A on the right.
-        let (mut a, mut b) = ([[0.0; LANES]; 4], [[0.0; LANES]; 4]);
-        for l in 0..4 {
-            a[l] = add(add(m[l], m[4 + l]), m[8 + l]);
-            b[l] = sub(sub(m[4 + l], m[8 + l]), m[12 + l]);
-        }
-        m[0] = add(add(a[0], a[1]), a[2]);
-        m[1] = sub(sub(a[1], a[2]), a[3]);
-        m[2] = add(add(b[0], b[1]), b[2]);
-        m[3] = sub(sub(b[1], b[2]), b[3]);
-    }
-}
-
-/// `A dY A^T` of 2x2 blocks (top left, top right, bottom left, bottom right), the adjoint
-/// of [`OutputColumns`].
-struct GradColumns;
-
-impl Blocks<POSITIONS> for GradColumns {
-    const IN: usize = 4;
-    const OUT: usize = POSITIONS;
-
-    #[inline(always)]
-    fn blocks(z: &mut [Lane; POSITIONS]) {
-        let [e0, o0, e1, o1] = [z[0], z[1], z[2], z[3]];
-        // A dY: rows r0, r0 + r1, r0 - r1, -r1 (left and right columns apart) ...
-        let rows = [
-            (e0, o0),
-            (add(e0, e1), add(o0, o1)),
-            (sub(e0, e1), sub(o0, o1)),
-            (neg(e1), neg(o1)),
-        ];
-        // ... then A^T on the right: columns e, e + o, e - o, -o.
-        for (z, (e, o)) in z.chunks_exact_mut(4).zip(rows) {
-            z[0] = e;
-            z[1] = add(e, o);
-            z[2] = sub(e, o);
-            z[3] = neg(o);
-        }
-    }
-}
-
 /// `B^T` of F(4x4, 3x3) on six values: `B^T = [[2, -3, -4, 3, 2, 0], [0, -2, 1, 5, 2, 0], [0,
 /// 2, -5, 1, 2, 0], [0, -2, -1, 2, 1, 0], [0, 1, -2, -1, 2, 0], [0, 2, -3, -4, 3, 2]]`.
 ///
@@ -247,76 +171,276 @@ fn output_side_4([m0, m1, m2, m3, m4, m5]: [Lane; 6]) -> [Lane; 4] {
     ]
 }
 
-/// `t B` of F(4x4, 3x3), given `t = B^T d` (`t[6 k + s]`: row `k`, column `s`).
-struct InputColumns4;
-
-impl Blocks<POSITIONS_4> for InputColumns4 {
-    const IN: usize = POSITIONS_4;
-    const OUT: usize = POSITIONS_4;
-
-    #[inline(always)]
-    fn blocks(t: &mut [Lane; POSITIONS_4]) {
-        for row in t.chunks_exact_mut(6) {
-            let v = input_side_4([row[0], row[1], row[2], row[3], row[4], row[5]]);
-            row.copy_from_slice(&v);
-        }
-    }
+/// A transform of `K` values of [`LANES`] blocks into `M`, for [`map_lines`]. (A trait, not
+/// a closure: so the compiler inlines it into the AVX2 and AVX-512 copies of the
+/// transforms.)
+trait Line<const K: usize, const M: usize> {
+    fn line(values: [Lane; K]) -> [Lane; M];
 }
 
-/// `A^T m A` of F(4x4, 3x3): the 16 pixels of each 4x4 output block, row by row.
-struct OutputColumns4;
-
-impl Blocks<POSITIONS_4> for OutputColumns4 {
-    const IN: usize = POSITIONS_4;
-    const OUT: usize = 16;
-
-    #[inline(always)]
-    fn blocks(m: &mut [Lane; POSITIONS_4]) {
-        // A^T m: four rows of six; then A on the right.
-        let mut t = [[[0.0; LANES]; 6]; 4];
-        for s in 0..6 {
-            let column =
-                output_side_4([m[s], m[6 + s], m[12 + s], m[18 + s], m[24 + s], m[30 + s]]);
-            for k in 0..4 {
-                t[k][s] = column[k];
-            }
-        }
-        for k in 0..4 {
-            let row = output_side_4(t[k]);
-            m[4 * k..4 * k + 4].copy_from_slice(&row);
-        }
-    }
-}
-
-/// Runs `B` on each column of `rows` (`[N][columns]`, read from its first `B::IN` rows,
-/// written to its first `B::OUT`), [`LANES`] columns at a time, the last ones padded.
+/// Runs `L` on rows `from` of `rows` (`[.][columns]`) into rows `to` (in place: each
+/// [`LANES`] columns are read before they are written), the last columns padded.
 #[inline(always)]
-fn map_columns<B: Blocks<N>, const N: usize>(rows: &mut [f32], columns: usize) {
-    let mut lanes = [[0.0; LANES]; N];
+fn map_lines<L: Line<K, M>, const K: usize, const M: usize>(
+    rows: &mut [f32],
+    columns: usize,
+    from: [usize; K],
+    to: [usize; M],
+) {
     let full = columns - columns % LANES;
     for start in (0..full).step_by(LANES) {
-        for (r, lane) in lanes[..B::IN].iter_mut().enumerate() {
-            *lane = *rows[r * columns + start..]
+        let mut values = [[0.0; LANES]; K];
+        for (value, &r) in values.iter_mut().zip(&from) {
+            *value = *rows[r * columns + start..]
                 .first_chunk()
                 .expect("rows of `columns` values");
         }
-        B::blocks(&mut lanes);
-        for (r, lane) in lanes[..B::OUT].iter().enumerate() {
+        for (value, &r) in L::line(values).iter().zip(&to) {
             *rows[r * columns + start..]
                 .first_chunk_mut()
-                .expect("rows of `columns` values") = *lane;
+                .expect("rows of `columns` values") = *value;
         }
     }
     let rest = columns - full;
     if rest > 0 {
-        lanes = [[0.0; LANES]; N];
-        for (r, lane) in lanes[..B::IN].iter_mut().enumerate() {
-            lane[..rest].copy_from_slice(&rows[r * columns + full..][..rest]);
+        let mut values = [[0.0; LANES]; K];
+        for (value, &r) in values.iter_mut().zip(&from) {
+            value[..rest].copy_from_slice(&rows[r * columns + full..][..rest]);
         }
-        B::blocks(&mut lanes);
-        for (r, lane) in lanes[..B::OUT].iter().enumerate() {
-            rows[r * columns + full..][..rest].copy_from_slice(&lane[..rest]);
+        for (value, &r) in L::line(values).iter().zip(&to) {
+            rows[r * columns + full..][..rest].copy_from_slice(&value[..rest]);
         }
+    }
+}
+
+/// `B^T` of F(2x2, 3x3) on four values: `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0],
+/// [0, 1, 0, -1]]`.
+struct InputSide;
+
+impl Line<4, 4> for InputSide {
+    #[inline(always)]
+    fn line([d0, d1, d2, d3]: [Lane; 4]) -> [Lane; 4] {
+        [sub(d0, d2), add(d1, d2), sub(d2, d1), sub(d1, d3)]
+    }
+}
+
+/// [`input_side_4`], as a [`Line`].
+struct InputSide4;
+
+impl Line<6, 6> for InputSide4 {
+    #[inline(always)]
+    fn line(d: [Lane; 6]) -> [Lane; 6] {
+        input_side_4(d)
+    }
+}
+
+/// `A^T` of F(2x2, 3x3) on four values: `A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]`.
+struct OutputSide;
+
+impl Line<4, 2> for OutputSide {
+    #[inline(always)]
+    fn line([m0, m1, m2, m3]: [Lane; 4]) -> [Lane; 2] {
+        [add(add(m0, m1), m2), sub(sub(m1, m2), m3)]
+    }
+}
+
+/// [`output_side_4`], as a [`Line`].
+struct OutputSide4;
+
+impl Line<6, 4> for OutputSide4 {
+    #[inline(always)]
+    fn line(m: [Lane; 6]) -> [Lane; 4] {
+        output_side_4(m)
+    }
+}
+
+/// `A` of F(2x2, 3x3) on two values, the adjoint of [`OutputSide`]: `(a, b)` to `(a, a + b,
+/// a - b, -b)`.
+struct GradSide;
+
+impl Line<2, 4> for GradSide {
+    #[inline(always)]
+    fn line([a, b]: [Lane; 2]) -> [Lane; 4] {
+        [a, add(a, b), sub(a, b), neg(b)]
+    }
+}
+
+/// `[start, start + step, start + 2 step, ...]`.
+#[inline(always)]
+fn indices<const K: usize>(start: usize, step: usize) -> [usize; K] {
+    let mut indices = [start; K];
+    for (k, index) in indices.iter_mut().enumerate() {
+        *index += k * step;
+    }
+    indices
+}
+
+/// `B^T d B` of `SIDE x SIDE` blocks (`d[SIDE r + s]`: row `r`, column `s`) in place, given
+/// `L`, `B^T` on `SIDE` values: on the columns, then on the rows.
+#[inline(always)]
+fn input_blocks<L: Line<SIDE, SIDE>, const SIDE: usize>(rows: &mut [f32], columns: usize) {
+    for s in 0..SIDE {
+        let column = indices(s, SIDE);
+        map_lines::<L, SIDE, SIDE>(rows, columns, column, column);
+    }
+    for r in 0..SIDE {
+        let row = indices(SIDE * r, 1);
+        map_lines::<L, SIDE, SIDE>(rows, columns, row, row);
+    }
+}
+
+/// `A^T m A` of `IN x IN` blocks (`m[IN k + l]`: row `k`, column `l`) into the first
+/// `SIDE * SIDE` rows (pixel `(k, l)` in row `SIDE k + l`), given `L`, `A^T` from `IN`
+/// values to `SIDE`: on the columns, then on the rows. (In place: each row is read before
+/// it is written.)
+#[inline(always)]
+fn output_blocks<L: Line<IN, SIDE>, const IN: usize, const SIDE: usize>(
+    rows: &mut [f32],
+    columns: usize,
+) {
+    for l in 0..IN {
+        map_lines::<L, IN, SIDE>(rows, columns, indices(l, IN), indices(l, IN));
+    }
+    for k in 0..SIDE {
+        map_lines::<L, IN, SIDE>(rows, columns, indices(IN * k, 1), indices(SIDE * k, 1));
+    }
+}
+
+/// Copies the `SIDE x SIDE` blocks, `STEP` pixels apart, of a plane (`plane`, `th x tw`
+/// blocks in rows of `row` values) into `dst` (`[.][columns]`): position `(r, s)` of block
+/// `(ty, tx)` into column `first + ty tw + tx` of row `SIDE r + s`. [`LANES`] blocks of a
+/// block row at a time, a vector a position; the row's last blocks one by one.
+#[inline(always)]
+fn gather_blocks<const SIDE: usize, const STEP: usize>(
+    plane: &[f32],
+    row: usize,
+    [th, tw]: [usize; 2],
+    dst: &mut [f32],
+    columns: usize,
+    first: usize,
+) {
+    assert!(first + th * tw <= columns && dst.len() >= SIDE * SIDE * columns);
+    assert!(plane.len() >= (STEP * th + SIDE - STEP) * row && row >= STEP * tw + SIDE - STEP);
+    let full = tw - tw % LANES;
+    for ty in 0..th {
+        for tx in (0..full).step_by(LANES) {
+            let column = first + ty * tw + tx;
+            for r in 0..SIDE {
+                let src = &plane[(STEP * ty + r) * row + STEP * tx..][..STEP * (LANES - 1) + SIDE];
+                for s in 0..SIDE {
+                    let mut lane = [0.0; LANES];
+                    for (j, value) in lane.iter_mut().enumerate() {
+                        *value = src[STEP * j + s];
+                    }
+                    *dst[(r * SIDE + s) * columns + column..]
+                        .first_chunk_mut()
+                        .expect("inside the block row") = lane;
+                }
+            }
+        }
+        for tx in full..tw {
+            let block = &plane[STEP * (ty * row + tx)..];
+            let mut dst = dst[first + ty * tw + tx..].as_mut_ptr();
+            for r in 0..SIDE {
+                let values: &[f32; SIDE] = block[r * row..]
+                    .first_chunk()
+                    .expect("the plane holds whole blocks");
+                for &value in values {
+                    // SAFETY: row `SIDE r + s` of `dst`'s `SIDE * SIDE` or more rows of
+                    // `columns`, at a column below `columns` (asserted above).
+                    unsafe {
+                        dst.write(value);
+                        dst = dst.wrapping_add(columns);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The inverse of [`gather_blocks`] for blocks side by side (`STEP` = `SIDE`): pixel
+/// `(r, s)` of block `(ty, tx)`, from column `first + ty tw + tx` of `src`'s row `SIDE r + s`
+/// (`[.][columns]`), into `plane` (rows of `row` values).
+#[inline(always)]
+fn scatter_blocks<const SIDE: usize>(
+    src: &[f32],
+    columns: usize,
+    first: usize,
+    [th, tw]: [usize; 2],
+    plane: &mut [f32],
+    row: usize,
+) {
+    assert!(first + th * tw <= columns && src.len() >= SIDE * SIDE * columns);
+    assert!(plane.len() >= SIDE * th * row && row >= SIDE * tw);
+    let full = tw - tw % LANES;
+    for ty in 0..th {
+        for tx in (0..full).step_by(LANES) {
+            let column = first + ty * tw + tx;
+            for r in 0..SIDE {
+                let dst = &mut plane[(SIDE * ty + r) * row + SIDE * tx..][..SIDE * LANES];
+                for s in 0..SIDE {
+                    let lane: &Lane = src[(r * SIDE + s) * columns + column..]
+                        .first_chunk()
+                        .expect("inside the block row");
+                    for (j, &value) in lane.iter().enumerate() {
+                        dst[SIDE * j + s] = value;
+                    }
+                }
+            }
+        }
+        for tx in full..tw {
+            let block = &mut plane[SIDE * (ty * row + tx)..];
+            let mut src = src[first + ty * tw + tx..].as_ptr();
+            for r in 0..SIDE {
+                let values: &mut [f32; SIDE] = block[r * row..]
+                    .first_chunk_mut()
+                    .expect("the plane holds whole blocks");
+                for value in values {
+                    // SAFETY: row `SIDE r + s` of `src`'s `SIDE * SIDE` or more rows of
+                    // `columns`, at a column below `columns` (asserted above).
+                    unsafe {
+                        *value = src.read();
+                        src = src.wrapping_add(columns);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where a pixel is written: an `f32`, or an output's `MaybeUninit<f32>`.
+trait Slot {
+    fn set(&mut self, value: f32);
+}
+
+impl Slot for f32 {
+    #[inline(always)]
+    fn set(&mut self, value: f32) {
+        *self = value;
+    }
+}
+
+impl Slot for MaybeUninit<f32> {
+    #[inline(always)]
+    fn set(&mut self, value: f32) {
+        self.write(value);
+    }
+}
+
+/// `dst.copy_from_slice(src)` for rows of a few pixels, inlined: `copy_from_slice` calls
+/// `memmove`, whose call cost more than the copy of a 4x4 image's rows.
+#[inline(always)]
+fn copy(dst: &mut [impl Slot], src: &[f32]) {
+    assert_eq!(dst.len(), src.len());
+    let (chunks, rest) = src.as_chunks::<LANES>();
+    let (dst_chunks, dst_rest) = dst.as_chunks_mut::<LANES>();
+    for (dst, src) in dst_chunks.iter_mut().zip(chunks) {
+        for (dst, &src) in dst.iter_mut().zip(src) {
+            dst.set(src);
+        }
+    }
+    for (dst, &src) in dst_rest.iter_mut().zip(rest) {
+        dst.set(src);
     }
 }
 
@@ -754,160 +878,60 @@ impl Winograd {
 
     dispatched! {
         /// The transformed input blocks of the images `x`,
-        /// `[channels][positions][images * tiles]`: `B^T d B` ([`Self::input_rows_2`],
-        /// [`Self::input_rows_4`]).
+        /// `[channels][positions][images * tiles]`: `B^T d B` ([`Self::input_rows_n`]).
         fn transform_input(&self, x: &[f32], v: &mut [f32]) => input_rows
     }
 
     #[inline(always)]
     fn input_rows(&self, x: &[f32], v: &mut [f32]) {
         match self.algorithm {
-            Algorithm::F2 => self.input_rows_2(x, v),
-            Algorithm::F4 => self.input_rows_4(x, v),
+            Algorithm::F2 => self.input_rows_n::<InputSide, POSITIONS, 4, 2>(x, v),
+            Algorithm::F4 => self.input_rows_n::<InputSide4, POSITIONS_4, 6, 4>(x, v),
         }
     }
 
-    /// [`Self::transform_input`] of F(2x2, 3x3): `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1,
-    /// 1, 0], [0, 1, 0, -1]]`.
+    /// [`Self::transform_input`] of F(2x2, 3x3) ([`InputSide`]) or F(4x4, 3x3)
+    /// ([`InputSide4`]): `SIDE x SIDE` input blocks `STEP` pixels apart (`N` their
+    /// positions).
     ///
     /// Each plane is copied with its padding (a zero row and column before, and after as many
-    /// as make whole blocks) into its even and its odd columns, so that a block row's values
-    /// at one position of its blocks are contiguous. `B^T d` is computed from those rows into
-    /// `v`, and `. B` in place, [`LANES`] blocks at a time.
+    /// as make whole blocks), its blocks' values are copied from there into `v`, a row a
+    /// position ([`gather_blocks`]), and transformed in place, [`LANES`] blocks at a time
+    /// ([`input_blocks`]). Blocks side by side in `v` may come from different block rows
+    /// and images, so small images fill the lanes as well as large ones (a block row of a
+    /// 4x4 image holds two blocks of F(2x2, 3x3)).
     #[inline(always)]
-    fn input_rows_2(&self, x: &[f32], v: &mut [f32]) {
+    fn input_rows_n<L: Line<SIDE, SIDE>, const N: usize, const SIDE: usize, const STEP: usize>(
+        &self,
+        x: &[f32],
+        v: &mut [f32],
+    ) {
         let (h, w) = (self.height, self.width);
         let (th, tw) = (self.tiles_high(), self.tiles_wide());
         let columns = x.len() / self.image_len() * self.tiles();
-        // Padded column `x + 1` of image column `x`: even ones in `planes[0]`, odd ones in
-        // `planes[1]`, `tw + 1` of each a row. The padding is never written, so it stays zero.
-        let half = tw + 1;
-        let len = (2 * th + 2) * half;
-        let mut planes = [vec![0f32; len], vec![0f32; len]];
-        for (c, v) in v.chunks_exact_mut(POSITIONS * columns).enumerate() {
+        // Padded pixel `(y + 1, x + 1)` of image pixel `(y, x)`; block `(ty, tx)` starts at
+        // padded pixel `(STEP ty, STEP tx)`. The padding is never written, so it stays zero.
+        let row = STEP * tw + SIDE - STEP;
+        let mut padded = vec![0f32; (STEP * th + SIDE - STEP) * row];
+        // Channels are taken in groups whose transformed blocks stay in cache until they are
+        // transformed, image by image in a group: each image's planes are read in order, where
+        // a plane at a time would read a few pixels every image (a cache miss each, on small
+        // images).
+        let group = (GROUP_VALUES / (N * columns)).max(1);
+        for (g, v) in v.chunks_mut(group * N * columns).enumerate() {
             for (i, image) in x.chunks_exact(self.image_len()).enumerate() {
-                let [even, odd] = &mut planes;
-                for (y, src) in image[c * h * w..][..h * w].chunks_exact(w).enumerate() {
-                    let (e, o) = (
-                        &mut even[(y + 1) * half..][..half],
-                        &mut odd[(y + 1) * half..][..half],
-                    );
-                    let (pairs, last) = src.as_chunks::<2>();
-                    for (&[a, b], (o, e)) in pairs.iter().zip(o.iter_mut().zip(&mut e[1..])) {
-                        *o = a;
-                        *e = b;
+                let planes = image[g * group * h * w..].chunks_exact(h * w);
+                for (plane, v) in planes.zip(v.chunks_exact_mut(N * columns)) {
+                    for (y, src) in plane.chunks_exact(w).enumerate() {
+                        copy(&mut padded[(y + 1) * row + 1..][..w], src);
                     }
-                    if let [last] = *last {
-                        o[pairs.len()] = last;
-                    }
-                }
-                // Column `s` of block `tx` is column `tx + s / 2` of plane `s % 2`; row `r`
-                // of block row `ty` is the planes' row `2 ty + r`.
-                for ty in 0..th {
-                    let first = i * th * tw + ty * tw;
-                    for s in 0..4 {
-                        let d = |r: usize| &planes[s % 2][(2 * ty + r) * half + s / 2..][..tw];
-                        let (d0, d1, d2, d3) = (d(0), d(1), d(2), d(3));
-                        // B^T d: row k of the block at position (k, s).
-                        let rows = [
-                            (d0, d2, false),
-                            (d1, d2, true),
-                            (d2, d1, false),
-                            (d1, d3, false),
-                        ];
-                        for (k, (a, b, sum)) in rows.into_iter().enumerate() {
-                            let dst = &mut v[(4 * k + s) * columns + first..][..tw];
-                            if sum {
-                                for (dst, (a, b)) in dst.iter_mut().zip(a.iter().zip(b)) {
-                                    *dst = a + b;
-                                }
-                            } else {
-                                for (dst, (a, b)) in dst.iter_mut().zip(a.iter().zip(b)) {
-                                    *dst = a - b;
-                                }
-                            }
-                        }
-                    }
+                    let first = i * th * tw;
+                    gather_blocks::<SIDE, STEP>(&padded, row, [th, tw], v, columns, first);
                 }
             }
-            map_columns::<InputColumns, POSITIONS>(v, columns);
-        }
-    }
-
-    /// [`Self::transform_input`] of F(4x4, 3x3) ([`input_side_4`]).
-    ///
-    /// Each plane is copied with its padding (a zero row and column before, and after as many
-    /// as make whole blocks) into four, a column in four each, so that a block row's values
-    /// at one position of its blocks are contiguous. `B^T d` is computed from those rows into
-    /// `v`, and `. B` in place, [`LANES`] blocks at a time both.
-    #[inline(always)]
-    fn input_rows_4(&self, x: &[f32], v: &mut [f32]) {
-        let (h, w) = (self.height, self.width);
-        let (th, tw) = (self.tiles_high(), self.tiles_wide());
-        let columns = x.len() / self.image_len() * self.tiles();
-        // Padded column `x + 1` of image column `x` is column `(x + 1) / 4` of plane
-        // `(x + 1) % 4`, whose rows are `tw + 1` long. The padding is never written, so it
-        // stays zero.
-        let quarter = tw + 1;
-        let len = (4 * th + 2) * quarter;
-        // And `LANES` more, read past a row's blocks into lanes that are not kept.
-        let mut planes = vec![0f32; 4 * len + LANES];
-        for (c, v) in v.chunks_exact_mut(POSITIONS_4 * columns).enumerate() {
-            for (i, image) in x.chunks_exact(self.image_len()).enumerate() {
-                let (p0, rest) = planes.split_at_mut(len);
-                let (p1, rest) = rest.split_at_mut(len);
-                let (p2, p3) = rest.split_at_mut(len);
-                for (y, src) in image[c * h * w..][..h * w].chunks_exact(w).enumerate() {
-                    let row = (y + 1) * quarter;
-                    let (quads, last) = src.as_chunks::<4>();
-                    let n = quads.len();
-                    let (d1, d2, d3) = (
-                        &mut p1[row..][..=n],
-                        &mut p2[row..][..=n],
-                        &mut p3[row..][..=n],
-                    );
-                    let d0 = &mut p0[row + 1..][..n];
-                    for (j, &[x0, x1, x2, x3]) in quads.iter().enumerate() {
-                        d1[j] = x0;
-                        d2[j] = x1;
-                        d3[j] = x2;
-                        d0[j] = x3;
-                    }
-                    for (dst, &value) in [d1, d2, d3].into_iter().zip(last) {
-                        dst[n] = value;
-                    }
-                }
-                // Column `s` of block `tx` is column `tx + s / 4` of plane `s % 4`; row `r`
-                // of block row `ty` is the planes' row `4 ty + r`. `LANES` blocks at a time,
-                // written whole where that leaves the row's last blocks alone: values past
-                // the block row's last block are overwritten by the next block row's.
-                for ty in 0..th {
-                    for s in 0..6 {
-                        let start = (s % 4) * len + 4 * ty * quarter + s / 4;
-                        for tx in (0..tw).step_by(LANES) {
-                            let first = i * th * tw + ty * tw + tx;
-                            let d = |r: usize| {
-                                *planes[start + r * quarter + tx..]
-                                    .first_chunk::<LANES>()
-                                    .expect("planes padded by a lane")
-                            };
-                            let t = input_side_4([d(0), d(1), d(2), d(3), d(4), d(5)]);
-                            for (k, t) in t.iter().enumerate() {
-                                let row = (6 * k + s) * columns;
-                                if first + LANES <= columns {
-                                    *v[row + first..]
-                                        .first_chunk_mut::<LANES>()
-                                        .expect("checked just above") = *t;
-                                } else {
-                                    let n = columns - first;
-                                    v[row + first..][..n].copy_from_slice(&t[..n]);
-                                }
-                            }
-                        }
-                    }
-                }
+            for v in v.chunks_exact_mut(N * columns) {
+                input_blocks::<L, SIDE>(v, columns);
             }
-            map_columns::<InputColumns4, POSITIONS_4>(v, columns);
         }
     }
 
@@ -915,8 +939,8 @@ impl Winograd {
         /// The transformed output gradients of a panel's images (NCHW),
         /// `[out_channels][16][images * tiles]`: `A dY A^T` of each 2x2 block (zero past the
         /// image's edge), the adjoint of [`Self::transform_output`]. Each block's four pixels
-        /// are copied into `z`'s first four rows, and transformed in place, [`LANES`] blocks at
-        /// a time.
+        /// are copied into `z`'s first four rows ([`gather_blocks`]), and transformed in
+        /// place, [`LANES`] blocks at a time ([`GradSide`]).
         fn transform_grad(&self, grad: &[f32], z: &mut [f32]) => grad_rows
     }
 
@@ -926,35 +950,33 @@ impl Winograd {
         let (th, tw) = (self.tiles_high(), self.tiles_wide());
         let plane = h * w;
         let columns = grad.len() / self.out_image_len() * self.tiles();
-        for (o, z) in z.chunks_exact_mut(POSITIONS * columns).enumerate() {
+        // The plane's 2x2 blocks, zero past its edge: `2 th` rows of `2 tw`. The padding is
+        // never written, so it stays zero.
+        let row = 2 * tw;
+        let mut padded = vec![0f32; 2 * th * row];
+        let group = (GROUP_VALUES / (POSITIONS * columns)).max(1);
+        for (g, z) in z.chunks_mut(group * POSITIONS * columns).enumerate() {
             for (i, image) in grad.chunks_exact(self.out_image_len()).enumerate() {
-                let dy = &image[o * plane..][..plane];
-                for ty in 0..th {
-                    let first = i * th * tw + ty * tw;
-                    // Rows 0 and 1 of `z` take the block row's top pixels (left, right), rows
-                    // 2 and 3 its bottom ones; zero past the edge.
-                    for (k, y) in [(0, 2 * ty), (2, 2 * ty + 1)] {
-                        let (left, right) = z[k * columns..].split_at_mut(columns);
-                        let (left, right) = (&mut left[first..][..tw], &mut right[first..][..tw]);
-                        if y >= h {
-                            left.fill(0.0);
-                            right.fill(0.0);
-                            continue;
-                        }
-                        let (pairs, last) = dy[y * w..][..w].as_chunks::<2>();
-                        for (&[a, b], (l, r)) in pairs.iter().zip(left.iter_mut().zip(&mut *right))
-                        {
-                            *l = a;
-                            *r = b;
-                        }
-                        if let [last] = *last {
-                            left[pairs.len()] = last;
-                            right[pairs.len()] = 0.0;
-                        }
+                let planes = image[g * group * plane..].chunks_exact(plane);
+                for (dy, z) in planes.zip(z.chunks_exact_mut(POSITIONS * columns)) {
+                    for (y, src) in dy.chunks_exact(w).enumerate() {
+                        copy(&mut padded[y * row..][..w], src);
                     }
+                    let first = i * th * tw;
+                    gather_blocks::<2, 2>(&padded, row, [th, tw], z, columns, first);
                 }
             }
-            map_columns::<GradColumns, POSITIONS>(z, columns);
+            for z in z.chunks_exact_mut(POSITIONS * columns) {
+                // `A dY` on the columns, into rows `s`, `4 + s`, `8 + s` and `12 + s`; then
+                // `. A^T` on the rows.
+                for s in 0..2 {
+                    map_lines::<GradSide, 2, 4>(z, columns, [s, 2 + s], [s, 4 + s, 8 + s, 12 + s]);
+                }
+                for k in 0..4 {
+                    let row = [4 * k, 4 * k + 1, 4 * k + 2, 4 * k + 3];
+                    map_lines::<GradSide, 2, 4>(z, columns, [4 * k, 4 * k + 1], row);
+                }
+            }
         }
     }
 
@@ -967,18 +989,21 @@ impl Winograd {
     #[inline(always)]
     fn output_rows(&self, m: &mut [f32], out: &mut [MaybeUninit<f32>]) {
         match self.algorithm {
-            Algorithm::F2 => self.output_rows_n::<OutputColumns, POSITIONS, 2>(m, out),
-            Algorithm::F4 => self.output_rows_n::<OutputColumns4, POSITIONS_4, 4>(m, out),
+            Algorithm::F2 => self.output_rows_n::<OutputSide, POSITIONS, 4, 2>(m, out),
+            Algorithm::F4 => self.output_rows_n::<OutputSide4, POSITIONS_4, 6, 4>(m, out),
         }
     }
 
-    /// [`Self::transform_output`] of F(2x2, 3x3), `A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]`
-    /// ([`OutputColumns`]), or of F(4x4, 3x3) ([`OutputColumns4`], [`output_side_4`]),
-    /// `SIDE` the output blocks' side: [`LANES`] blocks at a time into `m`'s first
-    /// `SIDE * SIDE` rows (the blocks' pixels, row by row), from which the pixels are copied
-    /// into place.
+    /// [`Self::transform_output`] of F(2x2, 3x3) ([`OutputSide`]) or F(4x4, 3x3)
+    /// ([`OutputSide4`]): `A^T m A` of the products' `IN x IN` blocks (`N` positions) into
+    /// `SIDE x SIDE` output blocks, [`LANES`] blocks at a time into `m`'s first `SIDE * SIDE`
+    /// rows (the blocks' pixels, row by row), from which each plane's blocks are gathered,
+    /// cropped to the image, and copied into place.
+    ///
+    /// Output channels are taken in groups that stay in cache, and each group's planes are
+    /// written image by image (see [`Self::input_rows_n`]).
     #[inline(always)]
-    fn output_rows_n<B: Blocks<N>, const N: usize, const SIDE: usize>(
+    fn output_rows_n<L: Line<IN, SIDE>, const N: usize, const IN: usize, const SIDE: usize>(
         &self,
         m: &mut [f32],
         out: &mut [MaybeUninit<f32>],
@@ -987,23 +1012,21 @@ impl Winograd {
         let (th, tw) = (self.tiles_high(), self.tiles_wide());
         let plane = h * w;
         let columns = out.len() / self.out_image_len() * self.tiles();
-        for (o, m) in m.chunks_exact_mut(N * columns).enumerate() {
-            map_columns::<B, N>(m, columns);
+        // The blocks of a plane, side by side: `SIDE th` rows of `SIDE tw`.
+        let row = SIDE * tw;
+        let mut blocks = vec![0f32; SIDE * th * row];
+        let group = (GROUP_VALUES / (N * columns)).max(1);
+        for (g, m) in m.chunks_mut(group * N * columns).enumerate() {
+            for m in m.chunks_exact_mut(N * columns) {
+                output_blocks::<L, IN, SIDE>(m, columns);
+            }
             for (i, image) in out.chunks_exact_mut(self.out_image_len()).enumerate() {
-                let dst = &mut image[o * plane..][..plane];
-                for (y, dst) in dst.chunks_exact_mut(w).enumerate() {
-                    // Rows `SIDE k` to `SIDE k + SIDE - 1` of `m` hold row `k` of the blocks'
-                    // pixels.
-                    let first = i * th * tw + y / SIDE * tw;
-                    let pixels = |l: usize| &m[(SIDE * (y % SIDE) + l) * columns + first..][..tw];
-                    let (blocks, last) = dst.as_chunks_mut::<SIDE>();
-                    for l in 0..SIDE {
-                        for (block, value) in blocks.iter_mut().zip(pixels(l)) {
-                            block[l].write(*value);
-                        }
-                    }
-                    for (l, value) in last.iter_mut().enumerate() {
-                        value.write(pixels(l)[blocks.len()]);
+                let planes = image[g * group * plane..].chunks_exact_mut(plane);
+                for (dst, m) in planes.zip(m.chunks_exact(N * columns)) {
+                    let first = i * th * tw;
+                    scatter_blocks::<SIDE>(m, columns, first, [th, tw], &mut blocks, row);
+                    for (dst, src) in dst.chunks_exact_mut(w).zip(blocks.chunks_exact(row)) {
+                        copy(dst, &src[..w]);
                     }
                 }
             }
@@ -1107,7 +1130,7 @@ mod tests {
     /// The transforms compiled for each instruction set the CPU has and for the baseline
     /// (called through the dispatch with the baseline forced, and directly) give the same
     /// values bit for bit: only the vectors' width differs. With blocks past the last whole
-    /// eight (`map_columns`' padded lanes) and odd sides.
+    /// eight ([`map_lines`]' padded lanes) and odd sides.
     #[test]
     fn transforms_are_the_same_in_every_vector_width() {
         let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
