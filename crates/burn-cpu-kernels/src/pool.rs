@@ -1,11 +1,13 @@
 //! Max pooling of NCHW planes on the host, for the ImageNet stem's 3x3 stride-2 pooling in
 //! inference, where flex's `max_pool2d` is slow (the `maxpool3x3_s2_64_32px` row of
 //! `python3 benches/compare.py --bench layers`): a maximum over each window's rows, row by
-//! row (a loop that vectorizes), then over its columns, planes in parallel.
+//! row (a loop that vectorizes, compiled for the instruction set the CPU has: [`Simd`]),
+//! then over its columns, planes in parallel.
 
 use rayon::prelude::*;
 
 use crate::geometry::output_size;
+use crate::simd::{Simd, dispatch};
 
 /// The geometry of a max pooling (no dilation, floor rounding, symmetric padding, which
 /// counts as -infinity as in PyTorch).
@@ -19,6 +21,7 @@ pub(crate) struct MaxPool {
     padding: [usize; 2],
     out_height: usize,
     out_width: usize,
+    simd: Simd,
 }
 
 impl MaxPool {
@@ -47,7 +50,14 @@ impl MaxPool {
             padding,
             out_height,
             out_width,
+            simd: Simd::detect(),
         })
+    }
+
+    /// This pooling with its loops compiled for `simd` (by default [`Simd::detect`]'s).
+    #[cfg(test)]
+    fn with_simd(self, simd: Simd) -> Self {
+        Self { simd, ..self }
     }
 
     pub(crate) fn kernel(&self) -> [usize; 2] {
@@ -74,12 +84,19 @@ impl MaxPool {
         let mut out = vec![0f32; self.planes * out_plane];
         out.par_chunks_mut(out_plane)
             .zip(input.par_chunks(plane))
-            .for_each(|(out, x)| self.plane(x, out));
+            .for_each(|(out, x)| {
+                dispatch!(self.simd, MaxPool::plane(
+                    pool: &MaxPool = self,
+                    x: &[f32] = x,
+                    out: &mut [f32] = out,
+                ) -> ())
+            });
         out
     }
 
     /// One plane: for each output row, the maximum over the window's input rows column by
     /// column (a loop over whole rows, which vectorizes), then over each window's columns.
+    #[inline(always)]
     fn plane(&self, x: &[f32], out: &mut [f32]) {
         let width = self.width;
         let mut rows_max = vec![0f32; width];
@@ -105,6 +122,7 @@ impl MaxPool {
 
     /// The input rows (`axis` 0) or columns (1) under output position `o`'s window, clipped
     /// to the image (`size` along that axis).
+    #[inline(always)]
     fn window(&self, o: usize, axis: usize, size: usize) -> std::ops::Range<usize> {
         let start = (o * self.stride[axis]).saturating_sub(self.padding[axis]);
         let end = (o * self.stride[axis] + self.kernel[axis]).saturating_sub(self.padding[axis]);
@@ -113,6 +131,29 @@ impl MaxPool {
 }
 
 /// The larger of `m` and `v`, NaN if either is (PyTorch's max pooling propagates NaN).
+#[inline(always)]
 fn nan_max(m: f32, v: f32) -> f32 {
     if v > m || v.is_nan() { v } else { m }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::seeded_values;
+
+    /// Every instruction set the CPU has pools to the baseline's bits, NaN included.
+    #[test]
+    fn pooling_is_the_same_on_every_instruction_set() {
+        for (side, kernel, stride, padding) in [(37, 3, 2, 1), (12, 2, 2, 0), (9, 3, 1, 1)] {
+            let pool = MaxPool::new([2, 3, side, side], [kernel; 2], [stride; 2], [padding; 2])
+                .expect("a valid pooling");
+            let mut x = seeded_values(2 * 3 * side * side, 1);
+            x[side + 4] = f32::NAN;
+            let bits = |v: Vec<f32>| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let baseline = bits(pool.with_simd(Simd::Baseline).forward(&x));
+            for simd in Simd::available() {
+                assert_eq!(bits(pool.with_simd(simd).forward(&x)), baseline, "{simd:?}");
+            }
+        }
+    }
 }
