@@ -15,7 +15,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::matmul::{Strided, with_scratch};
+use crate::matmul::Strided;
+use crate::scratch::with_scratch;
 
 /// Rows of the left operand a micro-kernel computes: 12 rows of two 16-lane vectors are 24
 /// accumulators, of AVX-512's 32 registers.

@@ -9,17 +9,26 @@
 
 use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
+use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 
 use crate::geometry::{is_plain, output_size};
 use crate::matmul::{self, Strided};
+use crate::scratch::with_scratch;
 use crate::winograd::{Algorithm, Winograd};
 use crate::{ConvAlgorithm, ConvPrecision};
 
 /// The output pixels a product of the backward is given at least, where images are small:
 /// several images side by side (see `Im2col::backward_group`).
 const PANEL_COLUMNS: usize = 256;
+
+thread_local! {
+    /// An image's im2col matrix in the forward, reused between images and calls.
+    static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A panel's matrices in the backward ([`Im2col::backward_group`]).
+    static PANELS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
 
 /// The fewest channels, in and out, for which [`Im2col::winograd`] computes a 3x3
 /// convolution: its products are over the input channels (the output channels for the input's
@@ -212,12 +221,12 @@ impl Im2col {
         })
     }
 
-    /// An im2col buffer, empty where the input is its own matrix.
-    fn column_buffer(&self) -> Vec<f32> {
+    /// Values of an image's im2col buffer: none where the input is its own matrix.
+    fn column_len(&self) -> usize {
         if self.pointwise() {
-            Vec::new()
+            0
         } else {
-            vec![0f32; self.depth() * self.pixels()]
+            self.depth() * self.pixels()
         }
     }
 
@@ -248,7 +257,7 @@ impl Im2col {
         let (_, parallelism) = self.groups();
         // out = weight x im2col(x), then the epilogue, for image `i`.
         let image_product =
-            |col: &mut Vec<f32>, (i, (out, x)): (usize, (&mut [MaybeUninit<f32>], &[f32]))| {
+            |col: &mut [f32], (i, (out, x)): (usize, (&mut [MaybeUninit<f32>], &[f32]))| {
                 let rhs = self.columns(x, col);
                 // SAFETY: `out` is `out_channels x pixels`, `weight` is `out_channels x depth`
                 // and `rhs` is `depth x pixels`, all row-major and contiguous (lengths checked
@@ -265,6 +274,9 @@ impl Im2col {
                 };
                 epilogue(i, out);
             };
+        // `columns` writes every value of the buffer it reads.
+        let with_buffer =
+            |item| with_scratch(&COLUMNS, self.column_len(), |col| image_product(col, item));
         let spare = &mut out.spare_capacity_mut()[..len];
         if matches!(parallelism, gemm::Parallelism::None) {
             // Images are independent here: threads take them as they come.
@@ -272,14 +284,11 @@ impl Im2col {
                 .par_chunks_mut(out_image)
                 .zip(input.par_chunks(image))
                 .enumerate()
-                .for_each_init(|| self.column_buffer(), image_product);
+                .for_each(with_buffer);
         } else {
             // Fewer images than threads: each product is parallel.
-            let mut col = self.column_buffer();
             let images = spare.chunks_mut(out_image).zip(input.chunks(image));
-            images
-                .enumerate()
-                .for_each(|item| image_product(&mut col, item));
+            images.enumerate().for_each(with_buffer);
         }
         // SAFETY: the products above wrote all `len` values, image by image.
         unsafe { out.set_len(len) };
@@ -345,70 +354,71 @@ impl Im2col {
         assert!(span > 0, "panels of at least one image");
         let mut weight_grad = want_weight.then(|| vec![0f32; self.out_channels * depth]);
         // A panel's im2col matrix (for the weight's gradient), its gradient (for the input's)
-        // and its images' output gradients side by side, each allocated only where it is
-        // used: a single pointwise image is its own im2col matrix, one image needs no copy.
+        // and its images' output gradients side by side, each only where it is used: a single
+        // pointwise image is its own im2col matrix, one image needs no copy.
         let copies = span > 1 || !self.pointwise();
-        let panel = |rows: usize, used: bool| {
-            if used {
-                vec![0f32; rows * span * pixels]
-            } else {
-                Vec::new()
-            }
-        };
-        let mut col = panel(depth, want_weight && copies);
-        let mut col_grad = panel(depth, input_grad.is_some() && copies);
-        let mut grads = panel(self.out_channels, span > 1);
-        for (k, (x, g)) in input
-            .chunks(span * image)
-            .zip(grad.chunks(span * out_image))
-            .enumerate()
-        {
-            let images = x.len() / image;
-            let width = images * pixels;
-            let g = self.side_by_side(g, &mut grads);
-            if let Some(weight_grad) = weight_grad.as_mut() {
-                let columns = self.columns(x, &mut col);
-                // weight_grad += grad x im2col(x)^T
-                // SAFETY: `weight_grad` is `out_channels x depth` row-major, `g` is
-                // `out_channels x width` row-major and `columns` is `depth x width` row-major,
-                // read transposed (lengths checked above and in `Matrix::rows`).
-                unsafe {
-                    self.product(
-                        Dst::rows(weight_grad, depth),
-                        Matrix::rows(g, width),
-                        Matrix::columns(columns, width),
-                        true,
-                        parallelism,
-                    );
+        let len = |rows: usize, used: bool| if used { rows * span * pixels } else { 0 };
+        let lens = [
+            len(depth, want_weight && copies),
+            len(depth, input_grad.is_some() && copies),
+            len(self.out_channels, span > 1),
+        ];
+        // One buffer cut in three; every value of each is written before it is read.
+        with_scratch(&PANELS, lens.iter().sum(), |buffer| {
+            let (col, rest) = buffer.split_at_mut(lens[0]);
+            let (col_grad, grads) = rest.split_at_mut(lens[1]);
+            for (k, (x, g)) in input
+                .chunks(span * image)
+                .zip(grad.chunks(span * out_image))
+                .enumerate()
+            {
+                let images = x.len() / image;
+                let width = images * pixels;
+                let g = self.side_by_side(g, grads);
+                if let Some(weight_grad) = weight_grad.as_mut() {
+                    let columns = self.columns(x, col);
+                    // weight_grad += grad x im2col(x)^T
+                    // SAFETY: `weight_grad` is `out_channels x depth` row-major, `g` is
+                    // `out_channels x width` row-major and `columns` is `depth x width` row-major,
+                    // read transposed (lengths checked above and in `Matrix::rows`).
+                    unsafe {
+                        self.product(
+                            Dst::rows(weight_grad, depth),
+                            Matrix::rows(g, width),
+                            Matrix::columns(columns, width),
+                            true,
+                            parallelism,
+                        );
+                    }
+                }
+                if let Some(all) = input_grad.as_mut() {
+                    let x_grad = &mut all[k * span * image..][..images * image];
+                    // A pointwise image is its own im2col matrix, and so is its gradient.
+                    let direct = images == 1 && self.pointwise();
+                    let dst: &mut [f32] = if direct {
+                        x_grad
+                    } else {
+                        &mut col_grad[..depth * width]
+                    };
+                    // im2col(x_grad) = weight^T x grad
+                    // SAFETY: `dst` is `depth x width` row-major (the pointwise input image is
+                    // exactly that), `weight` is `out_channels x depth` row-major read
+                    // transposed, `g` is `out_channels x width` row-major.
+                    unsafe {
+                        self.product(
+                            Dst::rows(dst, width),
+                            Matrix::columns(weight, depth),
+                            Matrix::rows(g, width),
+                            false,
+                            parallelism,
+                        );
+                    }
+                    if !direct {
+                        self.scatter(&col_grad[..depth * width], x_grad);
+                    }
                 }
             }
-            if let Some(all) = input_grad.as_mut() {
-                let x_grad = &mut all[k * span * image..][..images * image];
-                // A pointwise image is its own im2col matrix, and so is its gradient.
-                let direct = images == 1 && self.pointwise();
-                let dst: &mut [f32] = if direct {
-                    x_grad
-                } else {
-                    &mut col_grad[..depth * width]
-                };
-                // im2col(x_grad) = weight^T x grad
-                // SAFETY: `dst` is `depth x width` row-major (the pointwise input image is
-                // exactly that), `weight` is `out_channels x depth` row-major read
-                // transposed, `g` is `out_channels x width` row-major.
-                unsafe {
-                    self.product(
-                        Dst::rows(dst, width),
-                        Matrix::columns(weight, depth),
-                        Matrix::rows(g, width),
-                        false,
-                        parallelism,
-                    );
-                }
-                if !direct {
-                    self.scatter(&col_grad[..depth * width], x_grad);
-                }
-            }
-        }
+        });
         weight_grad
     }
 

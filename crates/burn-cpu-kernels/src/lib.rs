@@ -75,6 +75,8 @@ mod norm;
 #[cfg(any(feature = "flex", feature = "ndarray"))]
 mod pool;
 #[cfg(any(feature = "flex", feature = "ndarray"))]
+mod scratch;
+#[cfg(any(feature = "flex", feature = "ndarray"))]
 mod simd;
 #[cfg(all(test, any(feature = "flex", feature = "ndarray")))]
 mod testing;

@@ -2,9 +2,9 @@
 //! crate, or bf16 operands with f32 sums by [`crate::bf16`] where the CPU has AVX512-BF16.
 
 use std::cell::RefCell;
-use std::thread::LocalKey;
 
 use crate::ConvPrecision;
+use crate::scratch::with_scratch;
 
 /// A strided f32 matrix: element `(i, j)` at `ptr + i * row_stride + j * col_stride`.
 #[derive(Clone, Copy, Debug)]
@@ -112,25 +112,6 @@ pub(crate) unsafe fn product(
 thread_local! {
     /// The operand [`product`] copies into gemm's fast layout, reused between products.
     static RELAID: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// `f` given this thread's buffer in `key`, grown to at least `len` elements (not cleared:
-/// `f` writes what it reads). A product runs inside another's parallel loop when rayon lends
-/// this thread to it; the buffer is then in use, and `f` gets a fresh one.
-pub(crate) fn with_scratch<T: Copy + Default + 'static, R>(
-    key: &'static LocalKey<RefCell<Vec<T>>>,
-    len: usize,
-    f: impl FnOnce(&mut [T]) -> R,
-) -> R {
-    key.with(|buffer| {
-        let mut own = Vec::new();
-        let mut lent = buffer.try_borrow_mut();
-        let buffer = lent.as_deref_mut().unwrap_or(&mut own);
-        if buffer.len() < len {
-            buffer.resize(len, T::default());
-        }
-        f(&mut buffer[..len])
-    })
 }
 
 /// `src`'s `rows x cols` elements into `dst`, whose strides are 1 and a positive one, split

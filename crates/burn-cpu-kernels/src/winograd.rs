@@ -19,10 +19,12 @@
 //! every run.
 
 use rayon::prelude::*;
+use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
 use crate::ConvPrecision;
 use crate::matmul::{self, Strided};
+use crate::scratch::with_scratch;
 use crate::simd::{Simd, dispatch};
 
 /// The output pixels a panel's products are given at least, where images are small: several
@@ -40,6 +42,14 @@ const PANEL_PIXELS: usize = 1024;
 /// at 0.5-0.76x, and on 3,136 or more at 1.27-1.84x (0.96x on one image of 3,136, where only
 /// the products are parallel).
 const GRADIENT_PIXELS_PER_THREAD: usize = 512;
+
+thread_local! {
+    /// The transformed input blocks of a panel, reused between panels and calls.
+    static TRANSFORMED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A panel's products (the forward), or its transformed output gradients (the weight's
+    /// gradient).
+    static PRODUCTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
 
 /// Transformed values the input transform fills before transforming them: 256 KiB, within
 /// a core's L2 cache.
@@ -639,45 +649,12 @@ impl Winograd {
                 // `[out_channels][16][channels]`, as the transformed weight.
                 let mut sums = vec![0f32; o * POSITIONS * c];
                 let most = span * self.tiles() * POSITIONS;
-                let (mut v, mut z) = (vec![0f32; c * most], vec![0f32; o * most]);
-                for (x, grad) in x.chunks(span * image).zip(grad.chunks(span * out_image)) {
-                    let columns = x.len() / image * self.tiles();
-                    let v = &mut v[..c * POSITIONS * columns];
-                    let z = &mut z[..o * POSITIONS * columns];
-                    self.transform_input(x, v);
-                    self.transform_grad(grad, z);
-                    for p in 0..POSITIONS {
-                        // sums[., p, .] += z[., p, .] x v[., p, .]^T
-                        // SAFETY: `sums` is `out_channels` rows of 16 * `channels`, `z`
-                        // `out_channels` rows of 16 * `columns` and `v` `channels` rows of 16 *
-                        // `columns`, read transposed (lengths set above); position `p` is
-                        // `channels` (`columns`) values at `p * channels` (`p * columns`) of
-                        // each row, inside it.
-                        unsafe {
-                            matmul::product(
-                                self.precision,
-                                [o, c, columns],
-                                Strided {
-                                    ptr: sums.as_mut_ptr().add(p * c),
-                                    row_stride: (POSITIONS * c) as isize,
-                                    col_stride: 1,
-                                },
-                                true,
-                                Strided {
-                                    ptr: z.as_ptr().add(p * columns),
-                                    row_stride: (POSITIONS * columns) as isize,
-                                    col_stride: 1,
-                                },
-                                Strided {
-                                    ptr: v.as_ptr().add(p * columns),
-                                    row_stride: 1,
-                                    col_stride: (POSITIONS * columns) as isize,
-                                },
-                                parallelism,
-                            );
-                        }
-                    }
-                }
+                // Every value of `v` and `z` a panel uses is written before it is read.
+                with_scratch(&TRANSFORMED, c * most, |v| {
+                    with_scratch(&PRODUCTS, o * most, |z| {
+                        self.add_weight_grad_2(x, grad, v, z, &mut sums, parallelism);
+                    })
+                });
                 sums
             })
             .collect();
@@ -706,6 +683,61 @@ impl Winograd {
                 }
             });
         weight_grad
+    }
+
+    /// Adds the transformed weight gradient of the images `x` (whose output gradients are
+    /// `grad`) to `sums` (`[out_channels][16][channels]`), a panel at a time, in buffers `v`
+    /// and `z` that hold a panel's transformed input blocks and output gradients.
+    fn add_weight_grad_2(
+        &self,
+        x: &[f32],
+        grad: &[f32],
+        v: &mut [f32],
+        z: &mut [f32],
+        sums: &mut [f32],
+        parallelism: gemm::Parallelism,
+    ) {
+        let (image, out_image) = (self.image_len(), self.out_image_len());
+        let (c, o) = (self.channels, self.out_channels);
+        assert_eq!(sums.len(), o * POSITIONS * c, "sums of {self:?}");
+        let span = self.panel_images();
+        for (x, grad) in x.chunks(span * image).zip(grad.chunks(span * out_image)) {
+            let columns = x.len() / image * self.tiles();
+            let v = &mut v[..c * POSITIONS * columns];
+            let z = &mut z[..o * POSITIONS * columns];
+            self.transform_input(x, v);
+            self.transform_grad(grad, z);
+            for p in 0..POSITIONS {
+                // sums[., p, .] += z[., p, .] x v[., p, .]^T
+                // SAFETY: `sums` is `out_channels` rows of 16 * `channels`, `z` `out_channels`
+                // rows of 16 * `columns` and `v` `channels` rows of 16 * `columns`, read
+                // transposed (lengths checked above); position `p` is `channels` (`columns`)
+                // values at `p * channels` (`p * columns`) of each row, inside it.
+                unsafe {
+                    matmul::product(
+                        self.precision,
+                        [o, c, columns],
+                        Strided {
+                            ptr: sums.as_mut_ptr().add(p * c),
+                            row_stride: (POSITIONS * c) as isize,
+                            col_stride: 1,
+                        },
+                        true,
+                        Strided {
+                            ptr: z.as_ptr().add(p * columns),
+                            row_stride: (POSITIONS * columns) as isize,
+                            col_stride: 1,
+                        },
+                        Strided {
+                            ptr: v.as_ptr().add(p * columns),
+                            row_stride: 1,
+                            col_stride: (POSITIONS * columns) as isize,
+                        },
+                        parallelism,
+                    );
+                }
+            }
+        }
     }
 
     /// The transformed kernels of an OIHW weight, `[out_channels][positions][channels]`: for
@@ -803,15 +835,10 @@ impl Winograd {
         };
         let len = self.batch * out_image;
         let mut out: Vec<f32> = Vec::with_capacity(len);
-        let scratch = || {
-            let columns = span * self.tiles() * positions;
-            (
-                vec![0f32; self.channels * columns],
-                vec![0f32; self.out_channels * columns],
-            )
-        };
+        let most = span * self.tiles() * positions;
         let panel =
-            |(v, m): &mut (Vec<f32>, Vec<f32>),
+            |v: &mut [f32],
+             m: &mut [f32],
              (k, (out, x)): (usize, (&mut [MaybeUninit<f32>], &[f32]))| {
                 let images = x.len() / image;
                 let columns = images * self.tiles();
@@ -856,20 +883,25 @@ impl Winograd {
                     epilogue(k * span + i, out);
                 }
             };
+        // Every value of the buffers a panel uses is written before it is read.
+        let with_buffers = |item| {
+            with_scratch(&TRANSFORMED, self.channels * most, |v| {
+                with_scratch(&PRODUCTS, self.out_channels * most, |m| panel(v, m, item))
+            })
+        };
         let spare = &mut out.spare_capacity_mut()[..len];
         if matches!(parallelism, gemm::Parallelism::None) {
             spare
                 .par_chunks_mut(span * out_image)
                 .zip(input.par_chunks(span * image))
                 .enumerate()
-                .for_each_init(scratch, panel);
+                .for_each(with_buffers);
         } else {
-            let mut buffers = scratch();
             spare
                 .chunks_mut(span * out_image)
                 .zip(input.chunks(span * image))
                 .enumerate()
-                .for_each(|item| panel(&mut buffers, item));
+                .for_each(with_buffers);
         }
         // SAFETY: the panels above wrote all `len` values.
         unsafe { out.set_len(len) };
