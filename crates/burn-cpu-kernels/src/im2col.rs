@@ -528,6 +528,16 @@ impl Im2col {
                 let (dst, sx) = (&mut dst[first..end], self.stride[1]);
                 if sx == 1 {
                     dst.copy_from_slice(&x[start..start + dst.len()]);
+                } else if let Some((last, dst)) = dst.split_last_mut()
+                    && sx == 2
+                {
+                    // Pairs, of which the first: a loop the compiler vectorizes, where
+                    // `step_by` reads one value at a time.
+                    let pairs = x[start..start + 2 * dst.len()].as_chunks::<2>().0;
+                    for (d, &[s, _]) in dst.iter_mut().zip(pairs) {
+                        *d = s;
+                    }
+                    *last = x[start + 2 * dst.len()];
                 } else {
                     for (d, s) in dst.iter_mut().zip(x[start..].iter().step_by(sx)) {
                         *d = *s;
