@@ -84,22 +84,26 @@ impl MaxPool {
         let mut out = vec![0f32; self.planes * out_plane];
         out.par_chunks_mut(out_plane)
             .zip(input.par_chunks(plane))
-            .for_each(|(out, x)| {
-                dispatch!(self.simd, MaxPool::plane(
-                    pool: &MaxPool = self,
-                    x: &[f32] = x,
-                    out: &mut [f32] = out,
-                ) -> ())
-            });
+            .for_each_init(
+                || vec![0f32; self.width],
+                |rows_max, (out, x)| {
+                    dispatch!(self.simd, MaxPool::plane(
+                        pool: &MaxPool = self,
+                        x: &[f32] = x,
+                        out: &mut [f32] = out,
+                        rows_max: &mut [f32] = rows_max,
+                    ) -> ())
+                },
+            );
         out
     }
 
     /// One plane: for each output row, the maximum over the window's input rows column by
-    /// column (a loop over whole rows, which vectorizes), then over each window's columns.
+    /// column (a loop over whole rows, which vectorizes, into `rows_max`, a row long), then
+    /// over each window's columns.
     #[inline(always)]
-    fn plane(&self, x: &[f32], out: &mut [f32]) {
+    fn plane(&self, x: &[f32], out: &mut [f32], rows_max: &mut [f32]) {
         let width = self.width;
-        let mut rows_max = vec![0f32; width];
         for (oy, out) in out.chunks_exact_mut(self.out_width).enumerate() {
             let mut rows = self
                 .window(oy, 0, self.height)
