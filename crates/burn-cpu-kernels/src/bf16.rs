@@ -83,7 +83,7 @@ pub(crate) unsafe fn product(
             let load = accumulate || start > 0;
             // SAFETY: the block's rows and depths are inside `lhs` (by the caller); the CPU has
             // AVX512-BF16 (by the caller).
-            unsafe { pack_lhs(lhs, m, start, depth, packed_lhs) };
+            unsafe { pack_lhs(lhs, m, start, depth, packed_lhs, parallel) };
             let packed_lhs = &packed_lhs[..];
             let panel = |packed_rhs: &mut Vec<u32>, column_panel: usize| {
                 let first = column_panel * NR;
@@ -124,88 +124,44 @@ thread_local! {
 }
 
 /// Packs rows `0..m`, depths `start..start + depth` of `lhs` into panels of [`MR`] rows,
-/// `[panel][pair][row]`, zero past the last row and the last depth.
+/// `[panel][pair][row]`, zero past the last row and the last depth; the panels shared between
+/// rayon's threads with `parallel`.
 ///
 /// # Safety
 /// Those elements are inside `lhs`; the CPU has AVX512-BF16.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn pack_lhs(
     lhs: Strided<*const f32>,
     m: usize,
     start: usize,
     depth: usize,
     out: &mut [u32],
+    parallel: bool,
 ) {
     let pairs = depth.div_ceil(2);
-    for (panel, out) in out[..m.div_ceil(MR) * MR * pairs]
-        .chunks_exact_mut(MR * pairs)
-        .enumerate()
-    {
-        for r in 0..MR {
-            let row = panel * MR + r;
-            if row >= m {
-                (0..pairs).for_each(|p| out[p * MR + r] = 0);
-            } else if lhs.col_stride == 1 {
-                // SAFETY: the row's depths are contiguous and inside `lhs`; the lanes written
-                // are `out[p * MR + r]` for the row's pairs.
-                unsafe {
-                    let row = lhs.ptr.offset(row as isize * lhs.row_stride).add(start);
-                    pack_run(row, depth, out.as_mut_ptr().add(r), MR);
-                }
-            } else {
-                for p in 0..pairs {
-                    let value = |d: usize| {
-                        if d < depth {
-                            // SAFETY: row `row` and depth `start + d` are inside `lhs`.
-                            unsafe { lhs.at(row, start + d) }
-                        } else {
-                            0.0
-                        }
-                    };
-                    out[p * MR + r] = pair(value(2 * p), value(2 * p + 1));
-                }
-            }
-        }
-    }
-}
-
-/// Rounds `len` contiguous values at `src` to bf16 and stores them as pairs, pair `q` at
-/// `out + q * stride` (the last pair's second half 0 for an odd `len`), 32 values at a time
-/// with `vcvtne2ps2bf16`.
-///
-/// # Safety
-/// `src` has `len` readable values and `out + q * stride` is writable for `q < len / 2`
-/// rounded up; the CPU has AVX512-BF16.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_run(src: *const f32, len: usize, out: *mut u32, stride: usize) {
-    for first in (0..len).step_by(32) {
-        let count = (len - first).min(32);
-        let mask = |from: usize| -> __mmask16 {
-            let n = count.saturating_sub(from).min(16);
-            ((1u32 << n) - 1) as __mmask16
-        };
-        let mut lanes = [0u32; 16];
-        // SAFETY: the masks read only the `count` values left; `lanes` is 16 lanes.
+    let panel = |(panel, out): (usize, &mut [u32])| {
+        let first = panel * MR;
+        // SAFETY: the panel's rows and depths are inside `lhs` (by the caller).
         unsafe {
-            let low = _mm512_maskz_loadu_ps(mask(0), src.add(first));
-            let high = _mm512_maskz_loadu_ps(mask(16), src.add(first + 16));
-            let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(high, low));
-            _mm512_storeu_si512(lanes.as_mut_ptr().cast(), both);
+            let rows = lhs.offset(first, start);
+            pack_panel(rows, (m - first).min(MR), depth, MR, out);
         }
-        for (q, &lane) in lanes.iter().enumerate().take(count.div_ceil(2)) {
-            // SAFETY: pair `first / 2 + q` is one of the caller's.
-            unsafe { *out.add((first / 2 + q) * stride) = lane };
-        }
+    };
+    let out = &mut out[..m.div_ceil(MR) * MR * pairs];
+    // A panel is worth a task from a few thousand values on.
+    if parallel && m > MR && MR * pairs >= 4096 {
+        out.par_chunks_exact_mut(MR * pairs)
+            .enumerate()
+            .for_each(panel);
+    } else {
+        out.chunks_exact_mut(MR * pairs).enumerate().for_each(panel);
     }
 }
 
 /// Packs columns `first..first + columns`, depths `start..start + depth` of `rhs` into one
-/// panel, `[pair][column]` of [`NR`] columns, zero past the last column and depth. Rows of
-/// contiguous columns are converted 16 at a time with `vcvtne2ps2bf16`.
+/// panel, `[pair][column]` of [`NR`] columns, zero past the last column and depth.
 ///
 /// # Safety
 /// Those elements are inside `rhs`; the CPU has AVX512-BF16.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn pack_rhs(
     rhs: Strided<*const f32>,
     first: usize,
@@ -214,73 +170,163 @@ unsafe fn pack_rhs(
     depth: usize,
     out: &mut [u32],
 ) {
+    // The panel's lines are `rhs`'s columns: its transpose's rows.
+    let lines = Strided {
+        ptr: rhs.ptr,
+        row_stride: rhs.col_stride,
+        col_stride: rhs.row_stride,
+    };
+    // SAFETY: the panel's columns and depths are inside `rhs` (by the caller).
+    unsafe { pack_panel(lines.offset(first, start), columns, depth, NR, out) };
+}
+
+/// Packs `lines` lines of `depth` values (`src`'s rows, its columns the depth) as a panel of
+/// `width` lanes a depth pair, `out[p * width + l]` = line `l`'s depths `2p` and `2p + 1`
+/// rounded to bf16, zero past the last line and depth.
+///
+/// A source contiguous along the depth is converted 32 depths of 16 lines at a time and
+/// transposed in registers; one contiguous along the lines, a pair of depths of 16 lines at a
+/// time, interleaved; any other strides element by element.
+///
+/// # Safety
+/// `src` addresses `lines x depth` elements; `lines <= width <= 32`, `out` holds `width`
+/// lanes for each of the `depth` pairs (`depth / 2` rounded up); the CPU has AVX512-BF16.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_panel(
+    src: Strided<*const f32>,
+    lines: usize,
+    depth: usize,
+    width: usize,
+    out: &mut [u32],
+) {
     let pairs = depth.div_ceil(2);
-    let out = &mut out[..NR * pairs];
-    if rhs.col_stride == 1 && columns == NR {
-        // Interleaves two rows' 16 bf16 each: lane j takes (row0[j], row1[j]).
-        let order: [i16; 32] = std::array::from_fn(|i| ((i % 2) * 16 + i / 2) as i16);
-        // SAFETY: `order` is 64 bytes.
-        let order = unsafe { _mm512_loadu_si512(order.as_ptr().cast()) };
-        for p in 0..pairs {
-            for half in 0..2 {
-                let row = |d: usize| {
-                    if d < depth {
-                        // SAFETY: depth `start + d`, columns `first + 16 half ..` + 16 are
-                        // inside `rhs` (the panel is whole), contiguous.
-                        unsafe {
-                            _mm512_loadu_ps(
-                                rhs.ptr
-                                    .offset((start + d) as isize * rhs.row_stride)
-                                    .add(first + 16 * half),
-                            )
+    assert!(
+        lines <= width && width <= 32 && out.len() >= width * pairs,
+        "a panel of {lines} lines in {width} lanes"
+    );
+    let first_n = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as __mmask16 };
+    if src.col_stride == 1 || src.row_stride == 1 {
+        for group in (0..width).step_by(16) {
+            let loaded = lines.saturating_sub(group).min(16);
+            let stored = first_n(width - group);
+            // SAFETY (of the stores): `stored` keeps lanes `group..width` of a pair's
+            // `width`, inside `out`.
+            let mut store = |pair: usize, lanes: __m512i| unsafe {
+                let at = out.as_mut_ptr().add(pair * width + group);
+                _mm512_mask_storeu_epi32(at.cast(), stored, lanes)
+            };
+            if src.col_stride == 1 {
+                for from in (0..depth).step_by(32) {
+                    let count = (depth - from).min(32);
+                    let rows: [__m512i; 16] = std::array::from_fn(|l| {
+                        if l >= loaded {
+                            return _mm512_setzero_si512();
                         }
-                    } else {
-                        _mm512_setzero_ps()
+                        // SAFETY: the masks read depths `from..from + count` of line
+                        // `group + l`, inside `src`; bf16 vectors are bits.
+                        unsafe {
+                            let line = src.ptr.offset((group + l) as isize * src.row_stride);
+                            let low = _mm512_maskz_loadu_ps(first_n(count), line.add(from));
+                            let high = _mm512_maskz_loadu_ps(
+                                first_n(count.saturating_sub(16)),
+                                line.add(from + 16),
+                            );
+                            std::mem::transmute(_mm512_cvtne2ps_pbh(high, low))
+                        }
+                    });
+                    let pairs_here = transpose(rows);
+                    for (q, &lanes) in pairs_here.iter().enumerate().take(count.div_ceil(2)) {
+                        store(from / 2 + q, lanes);
                     }
-                };
-                let both: __m512i =
-                    // SAFETY: same size; bf16 vectors are bits.
-                    unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(row(2 * p + 1), row(2 * p))) };
-                let lanes = _mm512_permutexvar_epi16(order, both);
-                // SAFETY: 16 lanes at `p * NR + 16 half`, inside `out`.
-                unsafe {
-                    _mm512_storeu_si512(out.as_mut_ptr().add(p * NR + 16 * half).cast(), lanes)
-                };
-            }
-        }
-        return;
-    }
-    if rhs.row_stride == 1 {
-        for c in 0..NR {
-            if c < columns {
-                // SAFETY: column `first + c`'s depths are contiguous and inside `rhs`; the
-                // lanes written are `out[p * NR + c]` for its pairs.
-                unsafe {
-                    let column = rhs
-                        .ptr
-                        .offset((first + c) as isize * rhs.col_stride)
-                        .add(start);
-                    pack_run(column, depth, out.as_mut_ptr().add(c), NR);
                 }
             } else {
-                (0..pairs).for_each(|p| out[p * NR + c] = 0);
+                // Interleaves two depths' 16 bf16: lane j takes (first[j], second[j]).
+                let order: [i16; 32] = std::array::from_fn(|i| ((i % 2) * 16 + i / 2) as i16);
+                // SAFETY: `order` is 64 bytes.
+                let order = unsafe { _mm512_loadu_si512(order.as_ptr().cast()) };
+                let at_depth = |d: usize| {
+                    if d >= depth {
+                        return _mm512_setzero_ps();
+                    }
+                    // SAFETY: the mask reads lines `group..group + loaded` at depth `d`,
+                    // contiguous and inside `src`.
+                    unsafe {
+                        let at = src.ptr.offset(d as isize * src.col_stride).add(group);
+                        _mm512_maskz_loadu_ps(first_n(loaded), at)
+                    }
+                };
+                for p in 0..pairs {
+                    let both: __m512i =
+                        // SAFETY: same size; bf16 vectors are bits.
+                        unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(at_depth(2 * p + 1), at_depth(2 * p))) };
+                    store(p, _mm512_permutexvar_epi16(order, both));
+                }
             }
         }
         return;
     }
     for p in 0..pairs {
-        for c in 0..NR {
+        for l in 0..width {
             let value = |d: usize| {
-                if c < columns && d < depth {
-                    // SAFETY: inside `rhs`, checked.
-                    unsafe { rhs.at(start + d, first + c) }
+                if l < lines && d < depth {
+                    // SAFETY: inside `src`, checked.
+                    unsafe { src.at(l, d) }
                 } else {
                     0.0
                 }
             };
-            out[p * NR + c] = pair(value(2 * p), value(2 * p + 1));
+            out[p * width + l] = pair(value(2 * p), value(2 * p + 1));
         }
     }
+}
+
+/// The transpose of 16 rows of 16 lanes of 32 bits: lane `r` of vector `c` is lane `c` of
+/// row `r`. Four rounds of shuffles: 32-bit and 64-bit unpacks inside 128-bit lanes, then two
+/// of 128-bit lanes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose(rows: [__m512i; 16]) -> [__m512i; 16] {
+    // In each 128-bit lane k: t[2i] = (r[2i][4k], r[2i+1][4k], r[2i][4k+1], r[2i+1][4k+1]),
+    // t[2i+1] the same of lanes 4k+2 and 4k+3.
+    let t: [__m512i; 16] = std::array::from_fn(|i| {
+        let (a, b) = (rows[i & !1], rows[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_epi32(a, b)
+        } else {
+            _mm512_unpackhi_epi32(a, b)
+        }
+    });
+    // u[4i + j]: lane 4k + j of rows 4i..4i + 4, in each 128-bit lane k.
+    let u: [__m512i; 16] = std::array::from_fn(|i| {
+        let (base, j) = (i & !3, i % 4);
+        let (a, b) = (t[base + j / 2], t[base + j / 2 + 2]);
+        if j % 2 == 0 {
+            _mm512_unpacklo_epi64(a, b)
+        } else {
+            _mm512_unpackhi_epi64(a, b)
+        }
+    });
+    // v[j] (j < 4): 128-bit lanes 0 and 2 of u[j] and u[4 + j]; v[4 + j] lanes 1 and 3; the
+    // same of rows 8..16 in v[8..].
+    let v: [__m512i; 16] = std::array::from_fn(|i| {
+        let (base, odd, j) = (i & 8, i & 4 != 0, i % 4);
+        let (a, b) = (u[base + j], u[base + 4 + j]);
+        if odd {
+            _mm512_shuffle_i32x4::<0xdd>(a, b)
+        } else {
+            _mm512_shuffle_i32x4::<0x88>(a, b)
+        }
+    });
+    // Column 4k + j: 128-bit lane k of u[j], u[4 + j], u[8 + j], u[12 + j].
+    std::array::from_fn(|c| {
+        let (k, j) = (c / 4, c % 4);
+        let (a, b) = (v[(k % 2) * 4 + j], v[8 + (k % 2) * 4 + j]);
+        if k < 2 {
+            _mm512_shuffle_i32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_i32x4::<0xdd>(a, b)
+        }
+    })
 }
 
 /// `dst[at.., ..] (+)= lhs panel x rhs panel` over `pairs` depth pairs, `size` of the tile
@@ -376,6 +422,67 @@ mod tests {
         assert_eq!(to_bf16(-2.5), 0xc020);
         assert!(f32::from_bits((to_bf16(f32::NAN) as u32) << 16).is_nan());
         assert_eq!(to_bf16(f32::INFINITY), 0x7f80);
+    }
+
+    /// A panel packed from a source contiguous along the depth, along the lines, or neither
+    /// (each its own path) holds every line's rounded pairs where the definition puts them,
+    /// and zeros past the last line and depth.
+    #[test]
+    fn packs_panels_from_every_layout() {
+        if !supported() {
+            println!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        for (lines, depth, width) in [
+            (12, 64, 12),
+            (5, 33, 12),
+            (32, 31, 32),
+            (17, 1, 32),
+            (1, 70, 32),
+        ] {
+            let values = values(lines * depth * 2, 4);
+            let expected: Vec<u32> = (0..depth.div_ceil(2) * width)
+                .map(|i| {
+                    let (p, l) = (i / width, i % width);
+                    let value = |d: usize| {
+                        if l < lines && d < depth {
+                            values[l * depth + d]
+                        } else {
+                            0.0
+                        }
+                    };
+                    pair(value(2 * p), value(2 * p + 1))
+                })
+                .collect();
+            // The same matrix laid out three ways: row-major, column-major, every other
+            // element of a row-major matrix twice as wide.
+            let column_major: Vec<f32> = (0..lines * depth)
+                .map(|i| values[(i % lines) * depth + i / lines])
+                .collect();
+            let spread: Vec<f32> = values[..lines * depth]
+                .iter()
+                .flat_map(|&v| [v, -1.0])
+                .collect();
+            for (src, row_stride, col_stride) in [
+                (&values[..], depth as isize, 1),
+                (&column_major[..], 1, lines as isize),
+                (&spread[..], 2 * depth as isize, 2),
+            ] {
+                let mut out = vec![u32::MAX; expected.len()];
+                let view = Strided {
+                    ptr: src.as_ptr(),
+                    row_stride,
+                    col_stride,
+                };
+                // SAFETY: the view addresses `lines x depth` elements of `src`; `out` holds
+                // `width` lanes a pair.
+                unsafe { pack_panel(view, lines, depth, width, &mut out) };
+                assert_eq!(
+                    out, expected,
+                    "{lines} lines of {depth} in {width}, strides ({row_stride}, {col_stride})"
+                );
+            }
+        }
     }
 
     /// Every shape and layout against the product of the rounded operands in f64: tiles and

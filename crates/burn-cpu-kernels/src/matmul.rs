@@ -21,6 +21,22 @@ unsafe impl<T> Send for Strided<T> {}
 unsafe impl<T> Sync for Strided<T> {}
 
 impl Strided<*const f32> {
+    /// The view whose element `(0, 0)` is this one's `(i, j)`.
+    ///
+    /// # Safety
+    /// `(i, j)` is inside the matrix the caller lent, or one past its end.
+    #[inline(always)]
+    pub(crate) unsafe fn offset(self, i: usize, j: usize) -> Self {
+        Self {
+            // SAFETY: inside the matrix, by the caller.
+            ptr: unsafe {
+                self.ptr
+                    .offset(i as isize * self.row_stride + j as isize * self.col_stride)
+            },
+            ..self
+        }
+    }
+
     /// Element `(i, j)`.
     ///
     /// # Safety
