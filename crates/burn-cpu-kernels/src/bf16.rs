@@ -459,7 +459,7 @@ mod tests {
             (17, 1, 32),
             (1, 70, 32),
         ] {
-            let values = values(lines * depth * 2, 4);
+            let values = values(lines * depth, 4);
             let expected: Vec<u32> = (0..depth.div_ceil(2) * width)
                 .map(|i| {
                     let (p, l) = (i / width, i % width);
@@ -478,10 +478,7 @@ mod tests {
             let column_major: Vec<f32> = (0..lines * depth)
                 .map(|i| values[(i % lines) * depth + i / lines])
                 .collect();
-            let spread: Vec<f32> = values[..lines * depth]
-                .iter()
-                .flat_map(|&v| [v, -1.0])
-                .collect();
+            let spread: Vec<f32> = values.iter().flat_map(|&v| [v, -1.0]).collect();
             for (src, row_stride, col_stride) in [
                 (&values[..], depth as isize, 1),
                 (&column_major[..], 1, lines as isize),
