@@ -163,7 +163,8 @@ unsafe fn pack_lhs(
         }
     };
     let out = &mut out[..m.div_ceil(MR) * MR * pairs];
-    // A panel is worth a task from a few thousand values on.
+    // Panels of 4,096 values (16 KiB) or more go to rayon's threads one by one, smaller ones
+    // stay on this thread: a heuristic, not tuned.
     if parallel && m > MR && MR * pairs >= 4096 {
         out.par_chunks_exact_mut(MR * pairs)
             .enumerate()
