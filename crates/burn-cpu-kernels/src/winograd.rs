@@ -12,11 +12,13 @@
 //! magnitude; `rounding_error_on_residual_network_layers`). The forward and the input's
 //! gradient use either ([`Algorithm`]); the weight's gradient F(2x2, 3x3).
 //!
-//! The products are the `gemm` crate's in f32 ([`matmul`]). The transforms compute eight blocks at a time,
-//! compiled for AVX2 where the CPU has it ([`Simd`]; SSE2 elsewhere on x86-64; an AVX-512 copy is tested, not chosen). Images are shared
-//! between threads in panels of a size fixed by the geometry and the number of threads, and
-//! the weight's gradient sums the threads' parts in order, so the results are the same on
-//! every run.
+//! The products are the `gemm` crate's in f32, or bf16 ones ([`matmul`]). The transforms
+//! compute eight blocks at a time, compiled for AVX2 where the CPU has it ([`Simd`]; SSE2
+//! elsewhere on x86-64; an AVX-512 copy is tested, not chosen), and with AVX2 they move blocks
+//! between the image planes and the transform's rows by in-register transposes, where the
+//! compiler would copy value by value. Images are shared between threads in panels of a size
+//! fixed by the geometry and the number of threads, and the weight's gradient sums the
+//! threads' parts in order, so the results are the same on every run.
 
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -368,6 +370,175 @@ fn gather_blocks<const SIDE: usize, const STEP: usize>(
     }
 }
 
+/// Where `K` blocks from block `b` on (in column order, `tw` a block row) start in a plane
+/// of rows of `row` values, blocks `step` pixels apart: one division, then steps.
+#[inline(always)]
+fn block_starts<const K: usize>(b: usize, tw: usize, row: usize, step: usize) -> [usize; K] {
+    let (mut ty, mut tx) = (b / tw, b % tw);
+    let mut starts = [0; K];
+    for start in &mut starts {
+        *start = step * (ty * row + tx);
+        tx += 1;
+        if tx == tw {
+            (ty, tx) = (ty + 1, 0);
+        }
+    }
+    starts
+}
+
+/// [`gather_blocks`] with the instructions of `simd`: for blocks of 4 or 6 values a side,
+/// AVX2's shuffles where the CPU has them ([`gather_blocks_avx2`]), which the compiler does
+/// not derive from the scalar loop (it copies value by value).
+#[inline(always)]
+fn gather<const SIDE: usize, const STEP: usize>(
+    simd: Simd,
+    plane: &[f32],
+    row: usize,
+    tiles: [usize; 2],
+    dst: &mut [f32],
+    columns: usize,
+    first: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd != Simd::Baseline && (SIDE == 4 || SIDE == 6) {
+        // SAFETY: a `simd` other than the baseline is one the CPU has (see `dispatch!`), and
+        // every set above it includes AVX2.
+        return unsafe { gather_blocks_avx2::<SIDE, STEP>(plane, row, tiles, dst, columns, first) };
+    }
+    let _ = simd;
+    gather_blocks::<SIDE, STEP>(plane, row, tiles, dst, columns, first);
+}
+
+/// [`gather_blocks`] for blocks of 4 or 6 values a side, by transposes: the plane's blocks
+/// are taken in column order (block `(ty, tx)` is column `first + ty tw + tx`, so a vector
+/// of eight may span block rows), each block row's first four values loaded as one vector
+/// and transposed against seven other blocks' (eight blocks), or three others' (four), and
+/// values 4 and 5 of F(4x4, 3x3)'s blocks loaded in pairs and shuffled; the last blocks one
+/// by one.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn gather_blocks_avx2<const SIDE: usize, const STEP: usize>(
+    plane: &[f32],
+    row: usize,
+    [th, tw]: [usize; 2],
+    dst: &mut [f32],
+    columns: usize,
+    first: usize,
+) {
+    use std::arch::x86_64::*;
+    assert!(SIDE == 4 || SIDE == 6, "blocks of 4 or 6 values a side");
+    assert!(first + th * tw <= columns && dst.len() >= SIDE * SIDE * columns);
+    assert!(plane.len() >= (STEP * th + SIDE - STEP) * row && row >= STEP * tw + SIDE - STEP);
+    let blocks = th * tw;
+    let (plane, out) = (plane.as_ptr(), dst.as_mut_ptr());
+    // Value `(r, s)` of the blocks from column `column` on, in row `SIDE r + s`.
+    let at = |column: usize, r: usize, s: usize| (r * SIDE + s) * columns + column;
+    let eights = blocks - blocks % 8;
+    for b in (0..eights).step_by(8) {
+        let starts = block_starts::<8>(b, tw, row, STEP);
+        for r in 0..SIDE {
+            // SAFETY: each block's row `r` holds `SIDE` values inside the plane, and row
+            // `SIDE r + s` of `dst` eight values from column `first + b` (asserted above).
+            unsafe {
+                let line = |j: usize| plane.add(starts[j] + r * row);
+                // Lanes 0-3: block j's values 0-3; lanes 4-7: block j + 4's.
+                let quad = |j: usize| {
+                    _mm256_insertf128_ps::<1>(
+                        _mm256_castps128_ps256(_mm_loadu_ps(line(j))),
+                        _mm_loadu_ps(line(j + 4)),
+                    )
+                };
+                let (q0, q1, q2, q3) = (quad(0), quad(1), quad(2), quad(3));
+                let (t0, t1) = (_mm256_unpacklo_ps(q0, q1), _mm256_unpackhi_ps(q0, q1));
+                let (t2, t3) = (_mm256_unpacklo_ps(q2, q3), _mm256_unpackhi_ps(q2, q3));
+                let pd = _mm256_castps_pd;
+                let values = [
+                    _mm256_unpacklo_pd(pd(t0), pd(t2)),
+                    _mm256_unpackhi_pd(pd(t0), pd(t2)),
+                    _mm256_unpacklo_pd(pd(t1), pd(t3)),
+                    _mm256_unpackhi_pd(pd(t1), pd(t3)),
+                ];
+                let column = first + b;
+                for (s, value) in values.into_iter().enumerate() {
+                    _mm256_storeu_ps(out.add(at(column, r, s)), _mm256_castpd_ps(value));
+                }
+                if SIDE == 6 {
+                    // Values 4 and 5 of blocks j and j + 1, and of j + 4 and j + 5.
+                    let pairs = |j: usize| {
+                        let pair = |j: usize| line(j).add(4).cast::<f64>();
+                        let low = _mm_loadh_pd(_mm_load_sd(pair(j)), pair(j + 1));
+                        let high = _mm_loadh_pd(_mm_load_sd(pair(j + 4)), pair(j + 5));
+                        _mm256_castpd_ps(_mm256_insertf128_pd::<1>(
+                            _mm256_castpd128_pd256(low),
+                            high,
+                        ))
+                    };
+                    let (p0, p2) = (pairs(0), pairs(2));
+                    _mm256_storeu_ps(
+                        out.add(at(column, r, 4)),
+                        _mm256_shuffle_ps::<0b10_00_10_00>(p0, p2),
+                    );
+                    _mm256_storeu_ps(
+                        out.add(at(column, r, 5)),
+                        _mm256_shuffle_ps::<0b11_01_11_01>(p0, p2),
+                    );
+                }
+            }
+        }
+    }
+    let fours = blocks - blocks % 4;
+    for b in (eights..fours).step_by(4) {
+        let starts = block_starts::<4>(b, tw, row, STEP);
+        for r in 0..SIDE {
+            // SAFETY: as above, four blocks.
+            unsafe {
+                let line = |j: usize| plane.add(starts[j] + r * row);
+                let (q0, q1) = (_mm_loadu_ps(line(0)), _mm_loadu_ps(line(1)));
+                let (q2, q3) = (_mm_loadu_ps(line(2)), _mm_loadu_ps(line(3)));
+                let (t0, t1) = (_mm_unpacklo_ps(q0, q1), _mm_unpackhi_ps(q0, q1));
+                let (t2, t3) = (_mm_unpacklo_ps(q2, q3), _mm_unpackhi_ps(q2, q3));
+                let values = [
+                    _mm_movelh_ps(t0, t2),
+                    _mm_movehl_ps(t2, t0),
+                    _mm_movelh_ps(t1, t3),
+                    _mm_movehl_ps(t3, t1),
+                ];
+                let column = first + b;
+                for (s, value) in values.into_iter().enumerate() {
+                    _mm_storeu_ps(out.add(at(column, r, s)), value);
+                }
+                if SIDE == 6 {
+                    let pair = |j: usize| line(j).add(4).cast::<f64>();
+                    let p0 = _mm_castpd_ps(_mm_loadh_pd(_mm_load_sd(pair(0)), pair(1)));
+                    let p2 = _mm_castpd_ps(_mm_loadh_pd(_mm_load_sd(pair(2)), pair(3)));
+                    _mm_storeu_ps(
+                        out.add(at(column, r, 4)),
+                        _mm_shuffle_ps::<0b10_00_10_00>(p0, p2),
+                    );
+                    _mm_storeu_ps(
+                        out.add(at(column, r, 5)),
+                        _mm_shuffle_ps::<0b11_01_11_01>(p0, p2),
+                    );
+                }
+            }
+        }
+    }
+    for b in fours..blocks {
+        for r in 0..SIDE {
+            for s in 0..SIDE {
+                // SAFETY: as above, one block.
+                unsafe {
+                    let start = block_starts::<1>(b, tw, row, STEP)[0];
+                    *out.add(at(first + b, r, s)) = *plane.add(start + r * row + s)
+                };
+            }
+        }
+    }
+}
+
 /// The inverse of [`gather_blocks`] for blocks side by side (`STEP` = `SIDE`): pixel
 /// `(r, s)` of block `(ty, tx)`, from column `first + ty tw + tx` of `src`'s row `SIDE r + s`
 /// (`[.][columns]`), into `plane` (rows of `row` values).
@@ -413,6 +584,144 @@ fn scatter_blocks<const SIDE: usize>(
                         src = src.wrapping_add(columns);
                     }
                 }
+            }
+        }
+    }
+}
+
+/// [`scatter_blocks`] with the instructions of `simd`: AVX2's shuffles where the CPU has
+/// them ([`scatter_blocks_avx2`]).
+#[inline(always)]
+fn scatter<const SIDE: usize>(
+    simd: Simd,
+    src: &[f32],
+    columns: usize,
+    first: usize,
+    tiles: [usize; 2],
+    plane: &mut [f32],
+    row: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd != Simd::Baseline && (SIDE == 2 || SIDE == 4) {
+        // SAFETY: a `simd` other than the baseline is one the CPU has (see `dispatch!`), and
+        // every set above it includes AVX2.
+        return unsafe { scatter_blocks_avx2::<SIDE>(src, columns, first, tiles, plane, row) };
+    }
+    let _ = simd;
+    scatter_blocks::<SIDE>(src, columns, first, tiles, plane, row);
+}
+
+/// [`scatter_blocks`] for blocks of 2 or 4 pixels a side, by transposes (the inverse of
+/// [`gather_blocks_avx2`]'s): eight blocks (then four) in column order, their rows' pixels
+/// interleaved and each block's row stored as one piece; the last blocks one by one.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn scatter_blocks_avx2<const SIDE: usize>(
+    src: &[f32],
+    columns: usize,
+    first: usize,
+    [th, tw]: [usize; 2],
+    plane: &mut [f32],
+    row: usize,
+) {
+    use std::arch::x86_64::*;
+    assert!(SIDE == 2 || SIDE == 4, "blocks of 2 or 4 pixels a side");
+    assert!(first + th * tw <= columns && src.len() >= SIDE * SIDE * columns);
+    assert!(plane.len() >= SIDE * th * row && row >= SIDE * tw);
+    let blocks = th * tw;
+    let (src, plane) = (src.as_ptr(), plane.as_mut_ptr());
+    // Pixel `(r, s)` of the blocks from column `column` on, in row `SIDE r + s`.
+    let at = |column: usize, r: usize, s: usize| (r * SIDE + s) * columns + column;
+    let eights = blocks - blocks % 8;
+    for b in (0..eights).step_by(8) {
+        let (column, starts) = (first + b, block_starts::<8>(b, tw, row, SIDE));
+        for r in 0..SIDE {
+            // SAFETY: row `SIDE r + s` of `src` holds eight values from column `first + b`,
+            // and each block's row `r` `SIDE` pixels inside the plane (asserted above).
+            unsafe {
+                let line = |j: usize| plane.add(starts[j] + r * row);
+                let value = |s: usize| _mm256_loadu_ps(src.add(at(column, r, s)));
+                if SIDE == 2 {
+                    let (v0, v1) = (value(0), value(1));
+                    // Blocks 0, 1 | 4, 5 and 2, 3 | 6, 7: a pair of pixels each.
+                    let low = _mm256_castps_pd(_mm256_unpacklo_ps(v0, v1));
+                    let high = _mm256_castps_pd(_mm256_unpackhi_ps(v0, v1));
+                    for (half, pairs) in [(0, low), (2, high)] {
+                        let (a, b) = (
+                            _mm256_castpd256_pd128(pairs),
+                            _mm256_extractf128_pd::<1>(pairs),
+                        );
+                        _mm_storel_pd(line(half).cast(), a);
+                        _mm_storeh_pd(line(half + 1).cast(), a);
+                        _mm_storel_pd(line(half + 4).cast(), b);
+                        _mm_storeh_pd(line(half + 5).cast(), b);
+                    }
+                } else {
+                    let (v0, v1, v2, v3) = (value(0), value(1), value(2), value(3));
+                    let pd = _mm256_castps_pd;
+                    let (t0, t1) = (
+                        pd(_mm256_unpacklo_ps(v0, v1)),
+                        pd(_mm256_unpackhi_ps(v0, v1)),
+                    );
+                    let (t2, t3) = (
+                        pd(_mm256_unpacklo_ps(v2, v3)),
+                        pd(_mm256_unpackhi_ps(v2, v3)),
+                    );
+                    // Block j's row in lanes 0-3, block j + 4's in lanes 4-7.
+                    let rows = [
+                        _mm256_unpacklo_pd(t0, t2),
+                        _mm256_unpackhi_pd(t0, t2),
+                        _mm256_unpacklo_pd(t1, t3),
+                        _mm256_unpackhi_pd(t1, t3),
+                    ];
+                    for (j, pixels) in rows.into_iter().enumerate() {
+                        let pixels = _mm256_castpd_ps(pixels);
+                        _mm_storeu_ps(line(j), _mm256_castps256_ps128(pixels));
+                        _mm_storeu_ps(line(j + 4), _mm256_extractf128_ps::<1>(pixels));
+                    }
+                }
+            }
+        }
+    }
+    let fours = blocks - blocks % 4;
+    for b in (eights..fours).step_by(4) {
+        let (column, starts) = (first + b, block_starts::<4>(b, tw, row, SIDE));
+        for r in 0..SIDE {
+            // SAFETY: as above, four blocks.
+            unsafe {
+                let line = |j: usize| plane.add(starts[j] + r * row);
+                let value = |s: usize| _mm_loadu_ps(src.add(at(column, r, s)));
+                if SIDE == 2 {
+                    let (v0, v1) = (value(0), value(1));
+                    let low = _mm_castps_pd(_mm_unpacklo_ps(v0, v1));
+                    let high = _mm_castps_pd(_mm_unpackhi_ps(v0, v1));
+                    _mm_storel_pd(line(0).cast(), low);
+                    _mm_storeh_pd(line(1).cast(), low);
+                    _mm_storel_pd(line(2).cast(), high);
+                    _mm_storeh_pd(line(3).cast(), high);
+                } else {
+                    let (v0, v1, v2, v3) = (value(0), value(1), value(2), value(3));
+                    let (t0, t1) = (_mm_unpacklo_ps(v0, v1), _mm_unpackhi_ps(v0, v1));
+                    let (t2, t3) = (_mm_unpacklo_ps(v2, v3), _mm_unpackhi_ps(v2, v3));
+                    _mm_storeu_ps(line(0), _mm_movelh_ps(t0, t2));
+                    _mm_storeu_ps(line(1), _mm_movehl_ps(t2, t0));
+                    _mm_storeu_ps(line(2), _mm_movelh_ps(t1, t3));
+                    _mm_storeu_ps(line(3), _mm_movehl_ps(t3, t1));
+                }
+            }
+        }
+    }
+    for b in fours..blocks {
+        for r in 0..SIDE {
+            for s in 0..SIDE {
+                // SAFETY: as above, one block.
+                unsafe {
+                    let start = block_starts::<1>(b, tw, row, SIDE)[0];
+                    *plane.add(start + r * row + s) = *src.add(at(first + b, r, s))
+                };
             }
         }
     }
@@ -963,7 +1272,7 @@ impl Winograd {
                         copy(&mut padded[(y + 1) * row + 1..][..w], src);
                     }
                     let first = i * th * tw;
-                    gather_blocks::<SIDE, STEP>(&padded, row, [th, tw], v, columns, first);
+                    gather::<SIDE, STEP>(self.simd, &padded, row, [th, tw], v, columns, first);
                 }
             }
             for v in v.chunks_exact_mut(N * columns) {
@@ -1061,7 +1370,7 @@ impl Winograd {
                 let planes = image[g * group * plane..].chunks_exact_mut(plane);
                 for (dst, m) in planes.zip(m.chunks_exact(N * columns)) {
                     let first = i * th * tw;
-                    scatter_blocks::<SIDE>(m, columns, first, [th, tw], &mut blocks, row);
+                    scatter::<SIDE>(self.simd, m, columns, first, [th, tw], &mut blocks, row);
                     for (dst, src) in dst.chunks_exact_mut(w).zip(blocks.chunks_exact(row)) {
                         copy(dst, &src[..w]);
                     }
@@ -1165,9 +1474,10 @@ mod tests {
     }
 
     /// The transforms compiled for each instruction set the CPU has and for the baseline
-    /// (called through the dispatch with the baseline forced, and directly) give the same
-    /// values bit for bit: only the vectors' width differs. With blocks past the last whole
-    /// eight ([`map_lines`]' padded lanes) and odd sides.
+    /// (called through the dispatch with the baseline forced, and directly, with the
+    /// baseline's scalar copies of blocks) give the same values bit for bit: only the vectors'
+    /// width differs. With blocks past the last whole eight ([`map_lines`]' padded lanes, the
+    /// transposes' groups of four and single blocks) and odd sides.
     #[test]
     fn transforms_are_the_same_in_every_vector_width() {
         let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
@@ -1180,23 +1490,25 @@ mod tests {
             let g = Winograd::new(n, c, h, w, c)
                 .with_algorithm(algorithm)
                 .with_simd(simd);
+            // What every copy must match: the baseline's code, compiled for this copy.
+            let baseline_code = g.with_simd(Simd::Baseline);
             let columns = n * g.tiles();
             let x = values(n * g.image_len(), 1);
             let transformed = values(c * algorithm.positions() * columns, 2);
             let [mut dispatched, mut baseline] = [0, 1].map(|_| vec![0f32; transformed.len()]);
             g.transform_input(&x, &mut dispatched);
-            g.input_rows(&x, &mut baseline);
+            baseline_code.input_rows(&x, &mut baseline);
             assert_eq!(bits(&dispatched), bits(&baseline), "input of {g:?}");
             if algorithm == Algorithm::F2 {
                 g.transform_grad(&x, &mut dispatched);
-                g.grad_rows(&x, &mut baseline);
+                baseline_code.grad_rows(&x, &mut baseline);
                 assert_eq!(bits(&dispatched), bits(&baseline), "gradient of {g:?}");
             }
             // The output transform overwrites its products, so each gets its own copy.
             let [mut dispatched, mut baseline] =
                 [0, 1].map(|_| (transformed.clone(), vec![MaybeUninit::new(0f32); x.len()]));
             g.transform_output(&mut dispatched.0, &mut dispatched.1);
-            g.output_rows(&mut baseline.0, &mut baseline.1);
+            baseline_code.output_rows(&mut baseline.0, &mut baseline.1);
             // SAFETY: every value was initialized when the vectors were made.
             let written = |out: &[MaybeUninit<f32>]| {
                 out.iter()
