@@ -386,8 +386,8 @@ fn block_starts<const K: usize>(b: usize, tw: usize, row: usize, step: usize) ->
     starts
 }
 
-/// [`gather_blocks`] with the instructions of `simd`: for blocks of 4 or 6 values a side,
-/// AVX2's shuffles where the CPU has them ([`gather_blocks_avx2`]), which the compiler does
+/// [`gather_blocks`] with the instructions of `simd`: for blocks of 2, 4 or 6 values a
+/// side, AVX2's shuffles where the CPU has them ([`gather_blocks_avx2`]), which the compiler does
 /// not derive from the scalar loop (it copies value by value).
 #[inline(always)]
 fn gather<const SIDE: usize, const STEP: usize>(
@@ -400,7 +400,7 @@ fn gather<const SIDE: usize, const STEP: usize>(
     first: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if simd != Simd::Baseline && (SIDE == 4 || SIDE == 6) {
+    if simd != Simd::Baseline && matches!(SIDE, 2 | 4 | 6) {
         // SAFETY: a `simd` other than the baseline is one the CPU has (see `dispatch!`), and
         // every set above it includes AVX2.
         return unsafe { gather_blocks_avx2::<SIDE, STEP>(plane, row, tiles, dst, columns, first) };
@@ -409,11 +409,11 @@ fn gather<const SIDE: usize, const STEP: usize>(
     gather_blocks::<SIDE, STEP>(plane, row, tiles, dst, columns, first);
 }
 
-/// [`gather_blocks`] for blocks of 4 or 6 values a side, by transposes: the plane's blocks
-/// are taken in column order (block `(ty, tx)` is column `first + ty tw + tx`, so a vector
-/// of eight may span block rows), each block row's first four values loaded as one vector
-/// and transposed against seven other blocks' (eight blocks), or three others' (four), and
-/// values 4 and 5 of F(4x4, 3x3)'s blocks loaded in pairs and shuffled; the last blocks one
+/// [`gather_blocks`] for blocks of 2, 4 or 6 values a side, by transposes: the plane's
+/// blocks are taken in column order (block `(ty, tx)` is column `first + ty tw + tx`, so a
+/// vector of eight may span block rows), each block row's first four values loaded as one
+/// vector and transposed against seven other blocks' (eight blocks), or three others'
+/// (four), and its last two (of 2 or 6) loaded as a pair and shuffled; the last blocks one
 /// by one.
 ///
 /// # Safety
@@ -429,7 +429,10 @@ fn gather_blocks_avx2<const SIDE: usize, const STEP: usize>(
     first: usize,
 ) {
     use std::arch::x86_64::*;
-    assert!(SIDE == 4 || SIDE == 6, "blocks of 4 or 6 values a side");
+    assert!(
+        matches!(SIDE, 2 | 4 | 6),
+        "blocks of 2, 4 or 6 values a side"
+    );
     assert!(first + th * tw <= columns && dst.len() >= SIDE * SIDE * columns);
     assert!(plane.len() >= (STEP * th + SIDE - STEP) * row && row >= STEP * tw + SIDE - STEP);
     let blocks = th * tw;
@@ -444,6 +447,7 @@ fn gather_blocks_avx2<const SIDE: usize, const STEP: usize>(
             // `SIDE r + s` of `dst` eight values from column `first + b` (asserted above).
             unsafe {
                 let line = |j: usize| plane.add(starts[j] + r * row);
+                let column = first + b;
                 // Lanes 0-3: block j's values 0-3; lanes 4-7: block j + 4's.
                 let quad = |j: usize| {
                     _mm256_insertf128_ps::<1>(
@@ -451,24 +455,25 @@ fn gather_blocks_avx2<const SIDE: usize, const STEP: usize>(
                         _mm_loadu_ps(line(j + 4)),
                     )
                 };
-                let (q0, q1, q2, q3) = (quad(0), quad(1), quad(2), quad(3));
-                let (t0, t1) = (_mm256_unpacklo_ps(q0, q1), _mm256_unpackhi_ps(q0, q1));
-                let (t2, t3) = (_mm256_unpacklo_ps(q2, q3), _mm256_unpackhi_ps(q2, q3));
-                let pd = _mm256_castps_pd;
-                let values = [
-                    _mm256_unpacklo_pd(pd(t0), pd(t2)),
-                    _mm256_unpackhi_pd(pd(t0), pd(t2)),
-                    _mm256_unpacklo_pd(pd(t1), pd(t3)),
-                    _mm256_unpackhi_pd(pd(t1), pd(t3)),
-                ];
-                let column = first + b;
-                for (s, value) in values.into_iter().enumerate() {
-                    _mm256_storeu_ps(out.add(at(column, r, s)), _mm256_castpd_ps(value));
+                if SIDE >= 4 {
+                    let (q0, q1, q2, q3) = (quad(0), quad(1), quad(2), quad(3));
+                    let (t0, t1) = (_mm256_unpacklo_ps(q0, q1), _mm256_unpackhi_ps(q0, q1));
+                    let (t2, t3) = (_mm256_unpacklo_ps(q2, q3), _mm256_unpackhi_ps(q2, q3));
+                    let pd = _mm256_castps_pd;
+                    let values = [
+                        _mm256_unpacklo_pd(pd(t0), pd(t2)),
+                        _mm256_unpackhi_pd(pd(t0), pd(t2)),
+                        _mm256_unpacklo_pd(pd(t1), pd(t3)),
+                        _mm256_unpackhi_pd(pd(t1), pd(t3)),
+                    ];
+                    for (s, value) in values.into_iter().enumerate() {
+                        _mm256_storeu_ps(out.add(at(column, r, s)), _mm256_castpd_ps(value));
+                    }
                 }
-                if SIDE == 6 {
-                    // Values 4 and 5 of blocks j and j + 1, and of j + 4 and j + 5.
+                if SIDE % 4 == 2 {
+                    // The last two values of blocks j and j + 1, and of j + 4 and j + 5.
                     let pairs = |j: usize| {
-                        let pair = |j: usize| line(j).add(4).cast::<f64>();
+                        let pair = |j: usize| line(j).add(SIDE - 2).cast::<f64>();
                         let low = _mm_loadh_pd(_mm_load_sd(pair(j)), pair(j + 1));
                         let high = _mm_loadh_pd(_mm_load_sd(pair(j + 4)), pair(j + 5));
                         _mm256_castpd_ps(_mm256_insertf128_pd::<1>(
@@ -478,11 +483,11 @@ fn gather_blocks_avx2<const SIDE: usize, const STEP: usize>(
                     };
                     let (p0, p2) = (pairs(0), pairs(2));
                     _mm256_storeu_ps(
-                        out.add(at(column, r, 4)),
+                        out.add(at(column, r, SIDE - 2)),
                         _mm256_shuffle_ps::<0b10_00_10_00>(p0, p2),
                     );
                     _mm256_storeu_ps(
-                        out.add(at(column, r, 5)),
+                        out.add(at(column, r, SIDE - 1)),
                         _mm256_shuffle_ps::<0b11_01_11_01>(p0, p2),
                     );
                 }
@@ -496,30 +501,32 @@ fn gather_blocks_avx2<const SIDE: usize, const STEP: usize>(
             // SAFETY: as above, four blocks.
             unsafe {
                 let line = |j: usize| plane.add(starts[j] + r * row);
-                let (q0, q1) = (_mm_loadu_ps(line(0)), _mm_loadu_ps(line(1)));
-                let (q2, q3) = (_mm_loadu_ps(line(2)), _mm_loadu_ps(line(3)));
-                let (t0, t1) = (_mm_unpacklo_ps(q0, q1), _mm_unpackhi_ps(q0, q1));
-                let (t2, t3) = (_mm_unpacklo_ps(q2, q3), _mm_unpackhi_ps(q2, q3));
-                let values = [
-                    _mm_movelh_ps(t0, t2),
-                    _mm_movehl_ps(t2, t0),
-                    _mm_movelh_ps(t1, t3),
-                    _mm_movehl_ps(t3, t1),
-                ];
                 let column = first + b;
-                for (s, value) in values.into_iter().enumerate() {
-                    _mm_storeu_ps(out.add(at(column, r, s)), value);
+                if SIDE >= 4 {
+                    let (q0, q1) = (_mm_loadu_ps(line(0)), _mm_loadu_ps(line(1)));
+                    let (q2, q3) = (_mm_loadu_ps(line(2)), _mm_loadu_ps(line(3)));
+                    let (t0, t1) = (_mm_unpacklo_ps(q0, q1), _mm_unpackhi_ps(q0, q1));
+                    let (t2, t3) = (_mm_unpacklo_ps(q2, q3), _mm_unpackhi_ps(q2, q3));
+                    let values = [
+                        _mm_movelh_ps(t0, t2),
+                        _mm_movehl_ps(t2, t0),
+                        _mm_movelh_ps(t1, t3),
+                        _mm_movehl_ps(t3, t1),
+                    ];
+                    for (s, value) in values.into_iter().enumerate() {
+                        _mm_storeu_ps(out.add(at(column, r, s)), value);
+                    }
                 }
-                if SIDE == 6 {
-                    let pair = |j: usize| line(j).add(4).cast::<f64>();
+                if SIDE % 4 == 2 {
+                    let pair = |j: usize| line(j).add(SIDE - 2).cast::<f64>();
                     let p0 = _mm_castpd_ps(_mm_loadh_pd(_mm_load_sd(pair(0)), pair(1)));
                     let p2 = _mm_castpd_ps(_mm_loadh_pd(_mm_load_sd(pair(2)), pair(3)));
                     _mm_storeu_ps(
-                        out.add(at(column, r, 4)),
+                        out.add(at(column, r, SIDE - 2)),
                         _mm_shuffle_ps::<0b10_00_10_00>(p0, p2),
                     );
                     _mm_storeu_ps(
-                        out.add(at(column, r, 5)),
+                        out.add(at(column, r, SIDE - 1)),
                         _mm_shuffle_ps::<0b11_01_11_01>(p0, p2),
                     );
                 }
@@ -1309,7 +1316,7 @@ impl Winograd {
                         copy(&mut padded[y * row..][..w], src);
                     }
                     let first = i * th * tw;
-                    gather_blocks::<2, 2>(&padded, row, [th, tw], z, columns, first);
+                    gather::<2, 2>(self.simd, &padded, row, [th, tw], z, columns, first);
                 }
             }
             for z in z.chunks_exact_mut(POSITIONS * columns) {
