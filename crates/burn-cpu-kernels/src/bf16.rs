@@ -104,15 +104,16 @@ pub(crate) unsafe fn product(
                     pack_rhs(rhs, first, columns, start, depth, packed_rhs);
                     for row_panel in 0..row_panels {
                         let rows = (m - row_panel * MR).min(MR);
-                        kernel(
-                            pairs,
-                            &packed_lhs[row_panel * MR * pairs..][..MR * pairs],
-                            &packed_rhs[..NR * pairs],
-                            dst,
-                            [row_panel * MR, first],
-                            [rows, columns],
-                            load,
-                        );
+                        let lhs = &packed_lhs[row_panel * MR * pairs..][..MR * pairs];
+                        let rhs = &packed_rhs[..NR * pairs];
+                        let (at, size) = ([row_panel * MR, first], [rows, columns]);
+                        // A last panel of a few rows computes only as many (64 rows are five
+                        // panels of 12 and one of 4).
+                        match rows {
+                            ..=4 => kernel::<4>(pairs, lhs, rhs, dst, at, size, load),
+                            5..=8 => kernel::<8>(pairs, lhs, rhs, dst, at, size, load),
+                            _ => kernel::<MR>(pairs, lhs, rhs, dst, at, size, load),
+                        }
                     }
                 }
             };
@@ -347,12 +348,14 @@ fn transpose(rows: [__m512i; 16]) -> [__m512i; 16] {
 }
 
 /// `dst[at.., ..] (+)= lhs panel x rhs panel` over `pairs` depth pairs, `size` of the tile
-/// inside `dst`: [`MR`] x [`NR`] accumulators in registers.
+/// inside `dst`: the panels' first `ROWS` rows (of [`MR`]) x [`NR`] columns, accumulated in
+/// registers.
 ///
 /// # Safety
-/// The tile is inside `dst`, initialized where `load`; the CPU has AVX512-BF16.
+/// The tile is inside `dst`, initialized where `load`, and has at most `ROWS` rows; the CPU
+/// has AVX512-BF16.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn kernel(
+unsafe fn kernel<const ROWS: usize>(
     pairs: usize,
     lhs: &[u32],
     rhs: &[u32],
@@ -361,14 +364,15 @@ unsafe fn kernel(
     size: [usize; 2],
     load: bool,
 ) {
-    let mut sums = [[_mm512_setzero_ps(); 2]; MR];
+    let mut sums = [[_mm512_setzero_ps(); 2]; ROWS];
     // At least one pair: with none, the accumulators would have a path that skips the loop,
     // and the compiler keeps them in memory for it, zeroed by `memset` at every call (7% of
     // the samples of a 64 x 256 x 64 product).
     assert!(
-        pairs > 0 && lhs.len() >= MR * pairs && rhs.len() >= NR * pairs,
-        "packed panels"
+        ROWS <= MR && size[0] <= ROWS && pairs > 0 && lhs.len() >= MR * pairs,
+        "a tile of {size:?} in {ROWS} rows"
     );
+    assert!(rhs.len() >= NR * pairs, "a right panel of {pairs} pairs");
     let (lhs, rhs) = (lhs.as_ptr(), rhs.as_ptr());
     for p in 0..pairs {
         // SAFETY: `rhs` holds `NR` lanes a pair and `lhs` `MR` (asserted above); bf16
@@ -503,8 +507,8 @@ mod tests {
     }
 
     /// Every shape and layout against the product of the rounded operands in f64: tiles and
-    /// depths with remainders, transposed operands, a column-major `dst`, accumulation, and
-    /// the parallel split.
+    /// depths with remainders (last row panels of 1 to 4, 5 to 8 and 9 to 12 rows),
+    /// transposed operands, a column-major `dst`, accumulation, and the parallel split.
     #[test]
     fn matches_the_product_of_the_rounded_operands() {
         if !supported() {
@@ -517,6 +521,7 @@ mod tests {
             (13, 33, 3),
             (64, 100, 600),
             (5, 70, 257),
+            (22, 35, 9),
             (3, 40, 0),
         ] {
             for (transposed, accumulate, parallel) in [
